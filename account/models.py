@@ -1,0 +1,181 @@
+"""The legacy user model, the new user model and the models that hang off the new one."""
+
+from django.contrib.auth.base_user import AbstractBaseUser
+from django.contrib.auth.models import Group, Permission, PermissionsMixin
+from django.contrib.auth.validators import UnicodeUsernameValidator
+from django.db import models
+from django.db.models.functions import Lower
+from django.utils import timezone
+from phonenumber_field.modelfields import PhoneNumberField
+
+from .managers import LegacyUserManager, NewUserManager
+
+
+class User(AbstractBaseUser, PermissionsMixin):
+    """A user of the old schema, as deployed: email not unique, phone as free text."""
+
+    username = models.CharField(max_length=150, unique=True)
+    email = models.EmailField(max_length=254, blank=True)
+    full_name = models.CharField(max_length=255, blank=True)
+    date_of_birth = models.DateField(null=True, blank=True)
+    phone_number = models.CharField(max_length=15, blank=True)
+    is_active = models.BooleanField(default=True)
+    is_staff = models.BooleanField(default=False)
+    # PermissionsMixin's reverse names would clash with NewUser's (fields.E304).
+    groups = models.ManyToManyField(
+        Group,
+        blank=True,
+        related_name="legacy_user_set",
+        related_query_name="legacy_user",
+    )
+    user_permissions = models.ManyToManyField(
+        Permission,
+        blank=True,
+        related_name="legacy_user_set",
+        related_query_name="legacy_user",
+    )
+
+    objects = LegacyUserManager()
+
+    USERNAME_FIELD = "username"
+    EMAIL_FIELD = "email"
+
+    class Meta:
+        verbose_name = "legacy user"
+        verbose_name_plural = "legacy users"
+
+    def __str__(self):
+        return self.username
+
+
+class NewUser(AbstractBaseUser, PermissionsMixin):
+    """A user of the new schema: unique email (any case), E.164 phone, join and update times."""
+
+    username = models.CharField(
+        max_length=150,
+        unique=True,
+        validators=[UnicodeUsernameValidator()],
+        error_messages={"unique": "A user with that username already exists."},
+    )
+    email = models.EmailField(
+        max_length=254,
+        help_text="Unique regardless of case (enforced by a unique index on LOWER(email)).",
+    )
+    full_name = models.CharField(max_length=255, blank=True)
+    date_of_birth = models.DateField(null=True, blank=True, db_index=True)
+    phone_number = PhoneNumberField(
+        region="NP", blank=True, help_text="Stored in E.164 form, e.g. +9779841234567."
+    )
+    is_active = models.BooleanField(default=True)
+    is_staff = models.BooleanField(default=False, help_text="Can log into the admin site.")
+    joined_at = models.DateTimeField(
+        default=timezone.now,
+        help_text="For users copied from the legacy table: the time of the copy "
+        "(the legacy schema has no join date).",
+    )
+    updated_at = models.DateTimeField(auto_now=True)
+
+    objects = NewUserManager()
+
+    USERNAME_FIELD = "username"
+    EMAIL_FIELD = "email"
+    REQUIRED_FIELDS = ["email"]
+
+    class Meta:
+        verbose_name = "user"
+        verbose_name_plural = "users"
+        constraints = [
+            models.UniqueConstraint(
+                Lower("email"),
+                name="account_newuser_email_ci_unique",
+                violation_error_message="A user with that email already exists.",
+            ),
+        ]
+
+    def __str__(self):
+        return self.username
+
+    def get_full_name(self):
+        return self.full_name
+
+    def get_short_name(self):
+        return self.full_name.split(" ")[0] if self.full_name else self.username
+
+
+class Profile(models.Model):
+    """Exactly one per user."""
+
+    user = models.OneToOneField(NewUser, on_delete=models.CASCADE, related_name="profile")
+    bio = models.TextField(blank=True)
+    avatar = models.FileField(upload_to="avatars/", blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self):
+        return f"Profile of {self.user_id}"
+
+
+class Address(models.Model):
+    """A postal address; a user may have several."""
+
+    user = models.ForeignKey(NewUser, on_delete=models.CASCADE, related_name="addresses")
+    street_address = models.CharField(max_length=255)
+    city = models.CharField(max_length=100)
+    state = models.CharField(max_length=100, blank=True)
+    postal_code = models.CharField(max_length=20, blank=True)
+    country = models.CharField(max_length=100, default="Nepal")
+
+    class Meta:
+        verbose_name_plural = "addresses"
+
+    def __str__(self):
+        return f"{self.street_address}, {self.city}"
+
+
+class Activity(models.Model):
+    """Something a user did, e.g. logged in."""
+
+    user = models.ForeignKey(NewUser, on_delete=models.CASCADE, related_name="activities")
+    activity_type = models.CharField(max_length=50)
+    timestamp = models.DateTimeField(default=timezone.now, db_index=True)
+
+    class Meta:
+        verbose_name_plural = "activities"
+
+    def __str__(self):
+        return f"{self.activity_type} at {self.timestamp:%Y-%m-%d %H:%M}"
+
+
+class Notification(models.Model):
+    """A message for a user."""
+
+    user = models.ForeignKey(NewUser, on_delete=models.CASCADE, related_name="notifications")
+    message_body = models.TextField()
+    is_read = models.BooleanField(default=False)
+    timestamp = models.DateTimeField(default=timezone.now)
+
+    def __str__(self):
+        return self.message_body[:50]
+
+
+class OperationLog(models.Model):
+    """One run of a copy, check, backup or restore, shown on the status page."""
+
+    class Kind(models.TextChoices):
+        CHECK = "check", "pre-flight check"
+        COPY = "copy", "user copy"
+        BACKUP = "backup", "backup"
+        RESTORE = "restore", "restore"
+
+    kind = models.CharField(max_length=20, choices=Kind.choices)
+    ok = models.BooleanField()
+    started_at = models.DateTimeField()
+    finished_at = models.DateTimeField(default=timezone.now)
+    summary = models.JSONField(default=dict, help_text="Counts only: no personal data.")
+    message = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-finished_at"]
+        indexes = [models.Index(fields=["kind", "-finished_at"], name="account_oplog_kind_idx")]
+
+    def __str__(self):
+        return f"{self.get_kind_display()} at {self.finished_at:%Y-%m-%d %H:%M}"
