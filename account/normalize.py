@@ -9,6 +9,7 @@ so there is one set of rules. The README lists them.
 import re
 
 import phonenumbers
+from django.contrib.auth.validators import UnicodeUsernameValidator
 from django.core.exceptions import ValidationError
 from django.core.validators import validate_email
 
@@ -28,11 +29,6 @@ class Rejected(ValueError):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
-
-
-def email_key(email: str) -> str:
-    """What two emails are compared by: trimmed of spaces, case-folded (as LOWER(TRIM(x)))."""
-    return email.strip(" ").lower()
 
 
 def normalize_email(email: str) -> tuple[str, str | None]:
@@ -73,8 +69,16 @@ def normalize_phone(phone: str) -> tuple[str, str | None]:
     return e164, "phone_reformatted"
 
 
+_USERNAME = re.compile(UnicodeUsernameValidator.regex)
+
+
 def check_username(username: str) -> None:
-    if not username.strip():
+    """Usernames are copied as they are, so they must already pass the new model's validator."""
+    if not username:
         raise Rejected("username_empty", "username is empty")
     if len(username) > 150:
         raise Rejected("username_too_long", f"username has {len(username)} characters (max 150)")
+    if not _USERNAME.match(username):
+        raise Rejected(
+            "username_invalid", f"{username!r} has characters other than letters, digits and @.+-_"
+        )
