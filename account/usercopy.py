@@ -21,6 +21,7 @@ import csv
 import os
 import time
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -31,7 +32,7 @@ from django.db.models import Count, Exists, F, OuterRef, Subquery
 from django.db.models.functions import Lower, Trim
 from django.utils import timezone
 
-from .dbutil import insert_rows, reset_sequences
+from .dbutil import analyze, indexes_built_after, insert_rows, reset_sequences
 from .normalize import Rejected, check_username, normalize_email, normalize_phone
 
 # Legacy columns read, and the NewUser columns written, in the same order.
@@ -177,8 +178,8 @@ def _known_bad_rows(models: CopyModels, pending, alias) -> dict[int, tuple[str, 
         for pk in group:
             bad[pk] = ("email_duplicate", f"legacy users {ids} share this email (any case)")
 
-    for pk, key in keyed.filter(key__in=Subquery(shared)).order_by("key", "pk").values_list(
-        "pk", "key"
+    for pk, key in (
+        keyed.filter(key__in=Subquery(shared)).order_by("key", "pk").values_list("pk", "key")
     ):
         if key != last_key and group:
             flush()
@@ -191,9 +192,9 @@ def _known_bad_rows(models: CopyModels, pending, alias) -> dict[int, tuple[str, 
     if new.exists():
         taken_by = new.annotate(k=Lower("email")).filter(k=OuterRef("key")).values("pk")[:1]
         for pk, other in (
-            keyed.annotate(other=Subquery(taken_by)).filter(other__isnull=False).values_list(
-                "pk", "other"
-            )
+            keyed.annotate(other=Subquery(taken_by))
+            .filter(other__isnull=False)
+            .values_list("pk", "other")
         ):
             bad.setdefault(pk, ("email_taken", f"email already used by new user {other}"))
     return bad
@@ -234,7 +235,17 @@ def copy_users(
         with transaction.atomic(using=alias):
             if not dry_run:
                 _lock(alias)
-            _copy(models, alias, skip_invalid, dry_run, batch_size, report, result, on_progress, on_start)
+            _copy(
+                models,
+                alias,
+                skip_invalid,
+                dry_run,
+                batch_size,
+                report,
+                result,
+                on_progress,
+                on_start,
+            )
             result.seconds = time.perf_counter() - started
             if result.rejected_total and not skip_invalid and not dry_run:
                 raise CopyError(_refusal(result))
@@ -271,6 +282,7 @@ def _copy(models, alias, skip_invalid, dry_run, batch_size, report, result, on_p
         on_start(result.pending)
     if not result.pending:
         return
+    analyze([models.legacy], alias)
     bad = _known_bad_rows(models, pending, alias)
     # Ids taken by another new user are not in `pending` (that excludes every id in NewUser).
     for pk, (reason, detail) in bad.items():
@@ -284,50 +296,73 @@ def _copy(models, alias, skip_invalid, dry_run, batch_size, report, result, on_p
     perms_through, p_user, p_perm = _through(models.legacy, "user_permissions")
     new_perms_through, np_user, np_perm = _through(models.new, "user_permissions")
 
-    last_id = 0
-    while True:
-        rows = list(pending.filter(pk__gt=last_id).order_by("pk").values_list(*READ)[:batch_size])
-        if not rows:
-            break
-        last_id = rows[-1][0]
-        users, profiles = [], []
-        for row in rows:
-            pk, username = row[0], row[4]
-            try:
-                if pk in bad:
-                    raise Rejected(*bad[pk])
-                check_username(username)
-                email, email_change = normalize_email(row[5])
-                phone, phone_change = normalize_phone(row[8])
-            except Rejected as rejected:
-                report.add(pk, username, rejected.reason, rejected.detail)
-                result.rejected[rejected.reason] += 1
-                continue
-            if email_change:
-                result.normalised[email_change] += 1
-            if phone_change:
-                result.normalised[phone_change] += 1
-            users.append((*row[:5], email, row[6], row[7], phone, row[9], row[10], copy_time, copy_time))
-            profiles.append((pk, "", "", copy_time))
-        result.copied += len(users)
-        # Once a row is rejected under the default policy, nothing will be kept: only classify.
-        writing = not dry_run and (skip_invalid or not result.rejected_total)
-        if writing and users:
-            insert_rows(models.new, WRITE, users, alias)
-            insert_rows(models.profile, PROFILE_WRITE, profiles, alias)
-            ids = {u[0] for u in users}
-            result.groups += _copy_links(
-                groups_through, g_user, g_group, new_groups_through, ng_user, ng_group, ids, alias
+    # The first copy loads into empty tables: on PostgreSQL, build their indexes afterwards.
+    first_load = (
+        not dry_run and not new.exists() and not models.profile.objects.using(alias).exists()
+    )
+    bulk = indexes_built_after([models.new, models.profile], alias) if first_load else nullcontext()
+    with bulk:
+        last_id = 0
+        while True:
+            rows = list(
+                legacy.filter(pk__gt=last_id).order_by("pk").values_list(*READ)[:batch_size]
             )
-            result.permissions += _copy_links(
-                perms_through, p_user, p_perm, new_perms_through, np_user, np_perm, ids, alias
-            )
-        if on_progress:
-            on_progress(len(rows))
+            if not rows:
+                break
+            last_id = rows[-1][0]
+            # Users copied before (or ids taken by another new user) in this id range are skipped.
+            done = set(new.filter(pk__gte=rows[0][0], pk__lte=last_id).values_list("pk", flat=True))
+            users, profiles = [], []
+            for row in rows:
+                pk, username = row[0], row[4]
+                if pk in done:
+                    continue
+                try:
+                    if pk in bad:
+                        raise Rejected(*bad[pk])
+                    check_username(username)
+                    email, email_change = normalize_email(row[5])
+                    phone, phone_change = normalize_phone(row[8])
+                except Rejected as rejected:
+                    report.add(pk, username, rejected.reason, rejected.detail)
+                    result.rejected[rejected.reason] += 1
+                    continue
+                if email_change:
+                    result.normalised[email_change] += 1
+                if phone_change:
+                    result.normalised[phone_change] += 1
+                users.append(
+                    (*row[:5], email, row[6], row[7], phone, row[9], row[10], copy_time, copy_time)
+                )
+                profiles.append((pk, "", "", copy_time))
+            result.copied += len(users)
+            # Once a row is rejected under the default policy, nothing will be kept: only classify.
+            writing = not dry_run and (skip_invalid or not result.rejected_total)
+            if writing and users:
+                insert_rows(models.new, WRITE, users, alias)
+                insert_rows(models.profile, PROFILE_WRITE, profiles, alias)
+                ids = {u[0] for u in users}
+                result.groups += _copy_links(
+                    groups_through,
+                    g_user,
+                    g_group,
+                    new_groups_through,
+                    ng_user,
+                    ng_group,
+                    ids,
+                    alias,
+                )
+                result.permissions += _copy_links(
+                    perms_through, p_user, p_perm, new_perms_through, np_user, np_perm, ids, alias
+                )
+            if on_progress:
+                on_progress(len(rows) - len(done))
 
     if dry_run or not result.copied or (result.rejected_total and not skip_invalid):
         return
     reset_sequences([models.new, models.profile, new_groups_through, new_perms_through], alias)
+    # Fresh statistics, so the verification queries get sensible plans after a big load.
+    analyze([models.new, models.profile], alias)
     _verify(models, alias, copy_time, result)
 
 
@@ -394,7 +429,8 @@ def _verify(models, alias, copy_time, result):
         dst, d_user, d_other = _through(models.new, name)
         src_t, dst_t = qn(src._meta.db_table), qn(dst._meta.db_table)
         s_user, s_other, d_user, d_other = (
-            qn(c) for c in (_col(src, s_user), _col(src, s_other), _col(dst, d_user), _col(dst, d_other))
+            qn(c)
+            for c in (_col(src, s_user), _col(src, s_other), _col(dst, d_user), _col(dst, d_other))
         )
         missing = first_ids(
             f"""SELECT n.id FROM {src_t} s JOIN {new_t} n ON n.id = s.{s_user}
@@ -422,24 +458,24 @@ def _col(model, attname):
     return model._meta.get_field(attname.removesuffix("_id")).column
 
 
-def _verify_phones(models, alias, copy_time, chunk=20_000) -> list[str]:
+def _verify_phones(models, alias, copy_time) -> list[str]:
     """Phones are reformatted, so compare each stored value with the rule applied again."""
-    new = models.new.objects.using(alias).filter(joined_at=copy_time, updated_at=copy_time)
-    legacy_phone = models.legacy.objects.using(alias).filter(pk=OuterRef("pk")).values("phone_number")
-    last_id, wrong = 0, []
-    while True:
-        rows = list(
-            new.filter(pk__gt=last_id)
-            .annotate(old=Subquery(legacy_phone))
-            .order_by("pk")
-            .values_list("pk", "phone_number", "old")[:chunk]
+    connection = connections[alias]
+    qn = connection.ops.quote_name
+    wrong = []
+    # A server-side cursor on PostgreSQL: one join, streamed, memory flat.
+    with connection.chunked_cursor() as cursor:
+        cursor.execute(
+            f"SELECT n.id, n.phone_number, l.phone_number FROM {qn(models.new._meta.db_table)} n "
+            f"JOIN {qn(models.legacy._meta.db_table)} l ON l.id = n.id "
+            "WHERE n.joined_at = %s AND n.updated_at = %s",
+            [copy_time, copy_time],
         )
-        if not rows:
-            return [f"phone numbers differ for new users {wrong}"] if wrong else []
-        last_id = rows[-1][0]
-        for pk, phone, old in rows:
-            if len(wrong) < 5 and normalize_phone(old)[0] != str(phone or ""):
-                wrong.append(pk)
+        while rows := cursor.fetchmany(20_000):
+            for pk, phone, old in rows:
+                if normalize_phone(old)[0] != phone and len(wrong) < 5:
+                    wrong.append(pk)
+    return [f"phone numbers differ for new users {sorted(wrong)}"] if wrong else []
 
 
 def _log(models, alias, result, started_at, *, ok, message):
@@ -451,52 +487,70 @@ def _log(models, alias, result, started_at, *, ok, message):
     )
 
 
-def uncopy_users(models: CopyModels, *, alias: str = "default", other_tables=()) -> int:
-    """Undo the copy: delete the new users, profiles and links it made; refuse if others exist.
+def _tables_referencing(table, alias) -> list[str]:
+    """Every table with a foreign key to `table` (admin log, addresses, profiles, ...)."""
+    connection = connections[alias]
+    with connection.cursor() as cursor:
+        return sorted(
+            other
+            for other in connection.introspection.table_names(cursor)
+            if any(
+                ref_table == table
+                for _, ref_table in connection.introspection.get_relations(cursor, other).values()
+            )
+        )
 
-    `other_tables` are models whose rows the copy never creates (addresses, activity, ...):
-    any row there means the new schema is in use, and deleting it would lose data.
+
+def uncopy_users(models: CopyModels, *, alias: str = "default") -> int:
+    """Undo the copy: delete the new users, profiles and links; refuse if anything else is there.
+
+    Rows in any other table that points at NewUser (addresses, activity, notifications, the
+    admin log, ...) and new users the copy did not make or that changed since mean the new
+    schema is in use: deleting them would lose data, so nothing is deleted.
     """
     connection = connections[alias]
+    qn = connection.ops.quote_name
     legacy = models.legacy.objects.using(alias)
     new = models.new.objects.using(alias)
-    reasons = []
-    not_copied = new.exclude(
-        Exists(legacy.filter(pk=OuterRef("pk"), username=OuterRef("username")))
-    )
-    if n := not_copied.count():
-        ids = list(not_copied.order_by("pk").values_list("pk", flat=True)[:5])
-        reasons.append(f"{n} new users were not copied from the legacy table (ids {ids}…)")
-    if n := new.exclude(updated_at=F("joined_at")).count():
-        reasons.append(f"{n} copied users were changed after the copy")
-    if n := models.profile.objects.using(alias).exclude(bio="", avatar="").count():
-        reasons.append(f"{n} profiles were filled in after the copy")
-    for model in other_tables:
-        if n := model.objects.using(alias).count():
-            reasons.append(f"{n} rows in {model._meta.db_table}")
-    with connection.cursor() as cursor:
-        if "django_admin_log" in connection.introspection.table_names(cursor):
-            cursor.execute("SELECT COUNT(*) FROM django_admin_log")
-            if n := cursor.fetchone()[0]:
-                reasons.append(f"{n} admin log entries point at new users")
-    if reasons:
-        raise CopyError(
-            "Refusing to undo the user copy: the new tables hold data the copy did not create ("
-            + "; ".join(reasons)
-            + "). Going back would delete it. To go back anyway, take a backup first "
-            "(make backup), delete those rows yourself, then run `migrate account 0001` again."
-        )
-    qn = connection.ops.quote_name
-    tables = [
-        _through(models.new, "groups")[0],
-        _through(models.new, "user_permissions")[0],
-        models.profile,
-        models.new,
+    copy_tables = [
+        _through(models.new, "groups")[0]._meta.db_table,
+        _through(models.new, "user_permissions")[0]._meta.db_table,
+        models.profile._meta.db_table,
     ]
-    deleted = 0
+    new_table = models.new._meta.db_table
+    others = [t for t in _tables_referencing(new_table, alias) if t not in copy_tables]
     with transaction.atomic(using=alias), connection.cursor() as cursor:
-        for model in tables:
-            cursor.execute(f"DELETE FROM {qn(model._meta.db_table)}")
-            if model is models.new:
-                deleted = cursor.rowcount
+        if connection.vendor == "postgresql":
+            # Nobody writes to these tables between the checks and the delete.
+            tables = ", ".join(qn(t) for t in [new_table, *copy_tables, *others])
+            cursor.execute(f"LOCK TABLE {tables} IN ACCESS EXCLUSIVE MODE")
+        reasons = []
+        not_copied = new.exclude(
+            Exists(legacy.filter(pk=OuterRef("pk"), username=OuterRef("username")))
+        )
+        if n := not_copied.count():
+            ids = list(not_copied.order_by("pk").values_list("pk", flat=True)[:5])
+            reasons.append(f"{n} new users were not copied from the legacy table (ids {ids})")
+        if n := new.exclude(updated_at=F("joined_at")).count():
+            reasons.append(f"{n} copied users were changed after the copy")
+        if n := models.profile.objects.using(alias).exclude(bio="", avatar="").count():
+            reasons.append(f"{n} profiles were filled in after the copy")
+        for table in others:
+            cursor.execute(f"SELECT COUNT(*) FROM {qn(table)}")
+            if n := cursor.fetchone()[0]:
+                reasons.append(f"{n} rows in {table}")
+        if reasons:
+            raise CopyError(
+                "Refusing to undo the user copy: the new tables hold data the copy did not "
+                f"create ({'; '.join(reasons)}). Going back would delete it. To go back anyway, "
+                "take a backup first (make backup), delete those rows yourself, then run "
+                "`python manage.py migrate account 0001` again."
+            )
+        deleted = new.count()
+        if connection.vendor == "postgresql":
+            # TRUNCATE skips a million foreign key checks; the other tables are empty (checked).
+            cursor.execute(f"TRUNCATE {tables}")
+        else:
+            for table in [*copy_tables, new_table]:
+                cursor.execute(f"DELETE FROM {qn(table)}")
     return deleted

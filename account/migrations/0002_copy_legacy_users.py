@@ -29,10 +29,7 @@ def copy_legacy_users(apps, schema_editor):
 
 def remove_copied_users(apps, schema_editor):
     """Delete what the copy made; refuse if the new tables hold anything else."""
-    others = [apps.get_model("account", name) for name in ("Address", "Activity", "Notification")]
-    uncopy_users(
-        CopyModels.from_apps(apps), alias=schema_editor.connection.alias, other_tables=others
-    )
+    uncopy_users(CopyModels.from_apps(apps), alias=schema_editor.connection.alias)
 
 
 class Migration(migrations.Migration):

@@ -67,7 +67,9 @@ class Command(BaseCommand):
             for line in result.lines():
                 self.stdout.write(line)
         if not result.pending:
-            self.stdout.write(self.style.SUCCESS("Nothing to copy: every legacy user is in NewUser."))
+            self.stdout.write(
+                self.style.SUCCESS("Nothing to copy: every legacy user is in NewUser.")
+            )
         elif result.rejected_total and skip_invalid:
             self.stdout.write(
                 self.style.WARNING(

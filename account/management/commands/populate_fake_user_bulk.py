@@ -6,7 +6,7 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import DatabaseError, transaction
 from django.db.models import Max
 
-from account.dbutil import insert_rows, is_postgresql, table_exists
+from account.dbutil import analyze, insert_rows, is_postgresql, table_exists
 from account.fakedata import COLUMNS, DEFAULT_PASSWORD, DEFECT_KINDS, FakeUsers
 from account.models import User
 from account.progress import progress
@@ -96,6 +96,7 @@ class Command(BaseCommand):
             ) from None
         finally:
             bar.close()
+        analyze([User])  # as pg_restore does: plans for the next queries need fresh statistics
         seconds = time.perf_counter() - started
         if verbosity > 0:
             if dirty:
