@@ -31,6 +31,9 @@ COLUMNS = (
     "is_staff",
 )
 
+# Nepal's mobile prefixes (NTC 984-986, Ncell 980-982): 10 digits, valid for phonenumbers.
+NP_MOBILE_PREFIXES = ("980", "981", "982", "984", "985", "986")
+
 # Defects real legacy tables have, each a kind `--dirty` spreads its rows over.
 DEFECT_KINDS = (
     "email_duplicate",
@@ -81,16 +84,18 @@ class FakeUsers:
         lasts = rng.choices(self.last_names, k=size)
         domains = rng.choices(self.domains, k=size)
         births = rng.choices(self.birth_dates, k=size)
-        phones = rng.choices(range(9_800_000_000, 9_867_000_000), k=size)
+        prefixes = rng.choices(NP_MOBILE_PREFIXES, k=size)
+        phones = rng.choices(range(10_000_000), k=size)
         flags = [rng.random() for _ in range(size)]
         pw = self.password_hash
         rows = []
-        for i, first, last, domain, born, phone, flag in zip(
+        for i, first, last, domain, born, prefix, phone, flag in zip(
             range(first_number, first_number + size),
             firsts,
             lasts,
             domains,
             births,
+            prefixes,
             phones,
             flags,
             strict=True,
@@ -106,7 +111,7 @@ class FakeUsers:
                     f"{handle}@{domain}",
                     f"{first} {last}",
                     born,
-                    str(phone),
+                    f"{prefix}{phone:07d}",
                     active,
                     staff,
                 ]

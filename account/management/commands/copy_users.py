@@ -48,6 +48,13 @@ class Command(BaseCommand):
                 "The account tables do not exist: run `python manage.py migrate` first."
             )
         bar = progress(None, "check" if dry_run else "copy", verbosity=verbosity, unit="users")
+
+        def advance(n):
+            bar.update(n)
+            if verbosity >= 2:  # a line per batch, for logs and pipes where no bar is shown
+                self.stdout.write(f"  {bar.n} of {bar.total} legacy users processed")
+                self.stdout.flush()
+
         try:
             result = copy_users(
                 CopyModels(legacy=User, new=NewUser, profile=Profile, log=OperationLog),
@@ -56,7 +63,7 @@ class Command(BaseCommand):
                 batch_size=batch_size,
                 report_dir=settings.REPORT_DIR,
                 on_start=lambda total: setattr(bar, "total", total),
-                on_progress=bar.update,
+                on_progress=advance,
             )
         finally:
             bar.close()

@@ -1,6 +1,7 @@
 """Fill the legacy user table with realistic fake users, fast."""
 
 import time
+from argparse import ArgumentTypeError
 
 from django.core.management.base import BaseCommand, CommandError
 from django.db import DatabaseError, transaction
@@ -16,9 +17,9 @@ def positive_int(value: str) -> int:
     try:
         n = int(value)
     except ValueError:
-        raise CommandError(f"{value!r} is not a whole number") from None
+        raise ArgumentTypeError(f"{value!r} is not a whole number") from None
     if n <= 0:
-        raise CommandError(f"expected a number greater than 0, got {n}")
+        raise ArgumentTypeError(f"expected a number greater than 0, got {n}")
     return n
 
 
@@ -26,9 +27,9 @@ def fraction(value: str) -> float:
     try:
         f = float(value)
     except ValueError:
-        raise CommandError(f"--dirty {value!r} is not a number") from None
+        raise ArgumentTypeError(f"{value!r} is not a number") from None
     if not 0 <= f <= 1:
-        raise CommandError(f"--dirty must be between 0 and 1, got {f}")
+        raise ArgumentTypeError(f"must be between 0 and 1, got {f}")
     return f
 
 

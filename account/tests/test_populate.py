@@ -1,0 +1,134 @@
+"""populate_fake_user_bulk: correct, unique, loggable-in fake legacy users; bad input refused."""
+
+import re
+
+import phonenumbers
+import pytest
+from django.contrib.auth.hashers import check_password
+from django.core.management.base import CommandError
+from django.db import DatabaseError
+from django.db.models import Count
+from django.db.models.functions import Lower
+
+from account.fakedata import DEFECT_KINDS, FakeUsers
+from account.management.commands import populate_fake_user_bulk as populate_module
+from account.models import User
+
+from .conftest import assert_clean_failure, manage
+
+pytestmark = pytest.mark.django_db
+
+
+def test_users_are_unique_valid_and_realistic(run):
+    out, _ = run("populate_fake_user_bulk", "3000", "--batch-size", "700", "--seed", "1")
+    assert "Added 3000 legacy users" in out
+    assert User.objects.count() == 3000
+    assert User.objects.values("username").distinct().count() == 3000
+    assert User.objects.annotate(e=Lower("email")).values("e").distinct().count() == 3000
+    for user in User.objects.all()[:500]:
+        assert re.fullmatch(r"[A-Z][a-z]+ [A-Z][a-z]+", user.full_name)
+        assert len(user.phone_number) <= 15
+        number = phonenumbers.parse(user.phone_number, "NP")
+        assert phonenumbers.is_valid_number(number)
+        age_days = (FakeUsers().today - user.date_of_birth).days
+        assert 18 * 365 <= age_days <= 90 * 365 + 1
+    assert User.objects.filter(is_active=False).exists()
+
+
+def test_every_user_can_log_in_with_the_documented_password(run, client):
+    run("populate_fake_user_bulk", "5", "--password", "s3cret-pass")
+    user = User.objects.first()
+    assert check_password("s3cret-pass", user.password)
+    assert not check_password("wrong", user.password)
+    # The password was hashed once: every row carries the same encoded string.
+    assert User.objects.values("password").distinct().count() == 1
+
+
+def test_same_seed_gives_the_same_users():
+    a = FakeUsers(seed=42).batch(1, 50)
+    b = FakeUsers(seed=42).batch(1, 50)
+    c = FakeUsers(seed=43).batch(1, 50)
+    assert a == b
+    assert a != c
+
+
+def test_rerun_adds_users_without_collisions(run):
+    run("populate_fake_user_bulk", "200", "--seed", "5")
+    run("populate_fake_user_bulk", "200", "--seed", "5")
+    assert User.objects.count() == 400
+    assert User.objects.values("username").distinct().count() == 400
+    assert User.objects.annotate(e=Lower("email")).values("e").distinct().count() == 400
+
+
+def test_dirty_rows_are_written_and_counted_by_kind(run):
+    out, _ = run("populate_fake_user_bulk", "2000", "--dirty", "0.2", "--seed", "3")
+    counts = {kind: int(re.search(rf"{kind}: (\d+)", out).group(1)) for kind in DEFECT_KINDS}
+    assert all(n > 0 for n in counts.values()), counts
+    assert 250 < sum(counts.values()) < 550
+    assert User.objects.filter(email="").count() == counts["email_empty"]
+    assert User.objects.filter(email__startswith="  ").count() == counts["email_whitespace"]
+    exact_dups = (
+        User.objects.exclude(email="").values("email").annotate(n=Count("id")).filter(n__gt=1)
+    )
+    assert exact_dups.count() >= counts["email_duplicate"] * 0.9
+    assert User.objects.filter(phone_number__contains="-").exists()
+    assert all(len(p) <= 15 for p in User.objects.values_list("phone_number", flat=True))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["0"], "greater than 0"),
+        (["-5"], "greater than 0"),
+        (["many"], "is not a whole number"),
+        (["10", "--dirty", "1.5"], "between 0 and 1"),
+        (["10", "--dirty", "lots"], "is not a number"),
+        (["10", "--batch-size", "0"], "greater than 0"),
+    ],
+)
+def test_bad_arguments_are_refused_and_nothing_is_written(run, args, message):
+    with pytest.raises(CommandError, match=message):
+        run("populate_fake_user_bulk", *args)
+    assert User.objects.count() == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args", [["abc"], ["10", "--frobnicate"], []])
+def test_bad_command_lines_exit_non_zero_without_traceback(args):
+    assert_clean_failure(manage("populate_fake_user_bulk", *args))
+
+
+@pytest.mark.slow
+def test_unmigrated_database_is_refused(fresh_database_url):
+    proc = manage("populate_fake_user_bulk", "10", url=fresh_database_url)
+    assert_clean_failure(proc, "migrate account 0001")
+
+
+def _fail_on_batch(monkeypatch, n, exc):
+    real = populate_module.insert_rows
+    calls = {"n": 0}
+
+    def insert(model, columns, rows):
+        calls["n"] += 1
+        if calls["n"] == n:
+            real(model, columns, rows[: len(rows) // 2])  # half a batch reaches the database...
+            raise exc  # ...then the batch fails
+        return real(model, columns, rows)
+
+    monkeypatch.setattr(populate_module, "insert_rows", insert)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_failed_batch_is_rolled_back_and_reported(run, monkeypatch):
+    _fail_on_batch(monkeypatch, 3, DatabaseError("disk full"))
+    with pytest.raises(CommandError, match="200 users were committed before it"):
+        run("populate_fake_user_bulk", "500", "--batch-size", "100")
+    assert User.objects.count() == 200
+
+
+@pytest.mark.django_db(transaction=True)
+def test_interrupted_run_keeps_whole_batches_only(run, monkeypatch):
+    _fail_on_batch(monkeypatch, 2, KeyboardInterrupt())
+    with pytest.raises(CommandError, match="Interrupted: 100 users were committed"):
+        run("populate_fake_user_bulk", "500", "--batch-size", "100")
+    assert User.objects.count() == 100
