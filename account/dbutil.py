@@ -78,6 +78,8 @@ def indexes_built_after(models, alias: str = "default"):
     qn = connection.ops.quote_name
     statements_after = []
     with connection.cursor() as cursor:
+        # Run deferred foreign key checks now: ALTER TABLE refuses while any are pending.
+        cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
         for model in models:
             table = model._meta.db_table
             cursor.execute(
@@ -104,6 +106,7 @@ def indexes_built_after(models, alias: str = "default"):
         # Indexes first, then unique constraints, then foreign keys (which need the former).
         for sql in sorted(statements_after, key=lambda s: "FOREIGN KEY" in s):
             cursor.execute(sql)
+        cursor.execute("SET CONSTRAINTS ALL DEFERRED")
 
 
 def analyze(models, alias: str = "default") -> None:

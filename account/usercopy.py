@@ -401,7 +401,8 @@ def _verify(models, alias, copy_time, result):
             return [r[0] for r in cursor.fetchall()]
 
     this_run = "n.joined_at = %s AND n.updated_at = %s"
-    params = [copy_time, copy_time]
+    at = connection.ops.adapt_datetimefield_value(copy_time)  # as the ORM stores it
+    params = [at, at]
     n_users = scalar(f"SELECT COUNT(*) FROM {new_t} n WHERE {this_run}", params)
     if n_users != result.copied:
         problems.append(f"{n_users} new users written, {result.copied} expected")
@@ -469,7 +470,7 @@ def _verify_phones(models, alias, copy_time) -> list[str]:
             f"SELECT n.id, n.phone_number, l.phone_number FROM {qn(models.new._meta.db_table)} n "
             f"JOIN {qn(models.legacy._meta.db_table)} l ON l.id = n.id "
             "WHERE n.joined_at = %s AND n.updated_at = %s",
-            [copy_time, copy_time],
+            [connection.ops.adapt_datetimefield_value(copy_time)] * 2,
         )
         while rows := cursor.fetchmany(20_000):
             for pk, phone, old in rows:
@@ -479,8 +480,8 @@ def _verify_phones(models, alias, copy_time) -> list[str]:
 
 
 def _log(models, alias, result, started_at, *, ok, message):
-    """Record the run for the status page (counts only), unless it was a dry run."""
-    if models.log is None or result.dry_run:
+    """Record the run for the status page (counts only), unless it was a dry run or a no-op."""
+    if models.log is None or result.dry_run or not result.pending:
         return
     models.log.objects.using(alias).create(
         kind="copy", ok=ok, started_at=started_at, summary=result.summary(), message=message
