@@ -1,0 +1,54 @@
+"""Back up every account table to a timestamped JSON Lines file."""
+
+from django.conf import settings
+from django.core.management.base import BaseCommand
+from django.utils import timezone
+
+from account.backup import backed_up_models, backup
+from account.models import OperationLog
+from account.progress import progress
+
+
+class Command(BaseCommand):
+    help = (
+        "Write the legacy users, new users, profiles, addresses, activities, notifications, "
+        "groups and their links to a new JSON Lines backup (gzip by default) with a manifest "
+        "and a SHA-256 checksum. Never overwrites; file mode 0600 (it holds password hashes)."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument(
+            "--dir",
+            default=None,
+            help=f"Directory for the backup (default: BACKUP_DIR, now {settings.BACKUP_DIR}).",
+        )
+        parser.add_argument(
+            "--output", default=None, help="Exact file name instead of a timestamped one."
+        )
+        parser.add_argument(
+            "--no-gzip", action="store_true", help="Write plain .jsonl instead of .jsonl.gz."
+        )
+
+    def handle(self, *args, dir, output, no_gzip, verbosity, **options):
+        started_at = timezone.now()
+        total = sum(m.objects.count() for m in backed_up_models())
+        bar = progress(total, "backup", verbosity=verbosity)
+        try:
+            outcome = backup(
+                directory=dir or settings.BACKUP_DIR,
+                output=output,
+                compress=not no_gzip,
+                on_progress=bar.update,
+            )
+        finally:
+            bar.close()
+        message = outcome.line("Backed up")
+        OperationLog.objects.create(
+            kind=OperationLog.Kind.BACKUP,
+            ok=True,
+            started_at=started_at,
+            summary={"rows": outcome.rows, "file": outcome.path.name, "seconds": outcome.seconds},
+            message=f"{outcome.total} rows in {outcome.path.name}",
+        )
+        if verbosity > 0:
+            self.stdout.write(self.style.SUCCESS(message))

@@ -1,0 +1,18 @@
+#!/usr/bin/env python
+"""Restore the account tables from a backup made by scripts/backup.py.
+
+Usage: scripts/restore.py FILE [--replace] [--dry-run]
+
+A thin entry point over `manage.py restore_accounts`, used by `make restore FILE=...`.
+The file's manifest and checksum are checked before anything is written.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from config.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    main(["manage.py", "restore_accounts", *sys.argv[1:]])
