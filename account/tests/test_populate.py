@@ -132,3 +132,21 @@ def test_interrupted_run_keeps_whole_batches_only(run, monkeypatch):
     with pytest.raises(CommandError, match="Interrupted: 100 users were committed"):
         run("populate_fake_user_bulk", "500", "--batch-size", "100")
     assert User.objects.count() == 100
+
+
+@pytest.mark.slow
+def test_migrate_flag_prepares_an_empty_database_and_never_goes_back(fresh_database_url):
+    proc = manage("populate_fake_user_bulk", "50", "--migrate", url=fresh_database_url)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    shown = manage("showmigrations", "account", url=fresh_database_url).stdout
+    assert "[X] 0001_initial" in shown and "[ ] 0002_copy_legacy_users" in shown
+    assert manage("migrate", url=fresh_database_url, USER_COPY_SKIP_INVALID="on").returncode == 0
+    # Past 0001 (users copied): populate adds legacy users and leaves the schema alone.
+    proc = manage("populate_fake_user_bulk", "50", "--migrate", url=fresh_database_url)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (
+        "[X] 0002_copy_legacy_users"
+        in manage("showmigrations", "account", url=fresh_database_url).stdout
+    )
+    resync = manage("copy_users", url=fresh_database_url)
+    assert "copied 50" in resync.stdout, resync.stdout + resync.stderr

@@ -3,8 +3,10 @@
 import time
 from argparse import ArgumentTypeError
 
+from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
-from django.db import DatabaseError, transaction
+from django.db import DatabaseError, connection, transaction
+from django.db.migrations.recorder import MigrationRecorder
 from django.db.models import Max
 
 from account.dbutil import analyze, insert_rows, is_postgresql, table_exists
@@ -31,6 +33,12 @@ def fraction(value: str) -> float:
     if not 0 <= f <= 1:
         raise ArgumentTypeError(f"must be between 0 and 1, got {f}")
     return f
+
+
+def account_migrated() -> bool:
+    """Whether any migration of the account app was applied (then never migrate from here)."""
+    recorder = MigrationRecorder(connection)
+    return recorder.has_table() and recorder.migration_qs.filter(app="account").exists()
 
 
 class Command(BaseCommand):
@@ -66,7 +74,19 @@ class Command(BaseCommand):
             "formatted phones. Default 0.",
         )
 
-    def handle(self, *args, count, password, seed, batch_size, dirty, verbosity, **options):
+        parser.add_argument(
+            "--migrate",
+            action="store_true",
+            help="On a database where the account app has no migration applied yet, first "
+            "migrate it to the legacy schema (account 0001). Never migrates backwards.",
+        )
+
+    def handle(
+        self, *args, count, password, seed, batch_size, dirty, migrate, verbosity, **options
+    ):
+        if migrate and not account_migrated():
+            self.stdout.write("Migrating the empty database to the legacy schema (account 0001).")
+            call_command("migrate", "account", "0001", verbosity=0)
         if not table_exists(User):
             raise CommandError(
                 "The legacy table account_user does not exist: run "
