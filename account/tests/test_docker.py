@@ -1,0 +1,157 @@
+"""Docker cannot run here: lint the Dockerfile, validate the compose file, and run the
+container's entrypoint and exact gunicorn command on the host against the test database."""
+
+import json
+import secrets
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from .conftest import ROOT, assert_clean_failure, subprocess_env
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def compose() -> dict:
+    from ruamel.yaml import YAML
+
+    return YAML(typ="safe").load((ROOT / "docker-compose.yml").read_text())
+
+
+def test_dockerfile_passes_hadolint():
+    proc = subprocess.run(
+        [BIN / "hadolint", "Dockerfile"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_compose_file_matches_the_compose_specification():
+    proc = subprocess.run(
+        [BIN / "check-jsonschema", "--builtin-schema", "vendor.compose-spec", "docker-compose.yml"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_compose_waits_for_a_healthy_database_and_keeps_secrets_out():
+    spec = compose()
+    assert spec["services"]["web"]["depends_on"]["db"]["condition"] == "service_healthy"
+    assert "pg_isready" in " ".join(spec["services"]["db"]["healthcheck"]["test"])
+    assert re.fullmatch(r"postgres:\d+[-\w]*", spec["services"]["db"]["image"])
+    env = spec["services"]["web"]["environment"]
+    assert env["DEBUG"] == "off"
+    assert env["SECRET_KEY"].startswith("${SECRET_KEY:?")
+    assert spec["services"]["db"]["environment"]["POSTGRES_PASSWORD"].startswith("${")
+
+
+def variables_the_app_reads() -> set[str]:
+    settings = (ROOT / "config" / "settings.py").read_text()
+    names = set(re.findall(r'env\.\w+\(\s*"([A-Z_]+)"', settings))
+    names |= set(
+        re.findall(r"os\.environ\.get\([\"']([A-Z_]+)", (ROOT / "config/gunicorn.py").read_text())
+    )
+    names |= set(re.findall(r"\$\{([A-Z_]+)", (ROOT / "scripts/entrypoint.sh").read_text()))
+    return names
+
+
+def test_every_setting_read_from_the_environment_is_in_env_example_and_compose():
+    names = variables_the_app_reads()
+    assert {"DATABASE_URL", "SECRET_KEY", "DEBUG", "PORT", "DB_WAIT_TIMEOUT"} <= names
+    example = set(re.findall(r"^([A-Z_]+)=", (ROOT / ".env.example").read_text(), re.M))
+    assert names - example == set()
+    assert names - set(compose()["services"]["web"]["environment"]) == set()
+
+
+def _dockerfile_json(instruction: str) -> list[str]:
+    text = (ROOT / "Dockerfile").read_text()
+    return json.loads(re.search(rf"^{instruction} (\[.*\])$", text, re.M).group(1))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def container_env(**extra):
+    """The web service's environment as compose sets it, with this test database."""
+    env = subprocess_env(**extra)
+    env.update(DEBUG="off", SECRET_KEY="s" * 60, ALLOWED_HOSTS="localhost,127.0.0.1")
+    env["DJANGO_SETTINGS_MODULE"] = "config.settings"
+    return env
+
+
+@pytest.mark.django_db(transaction=True)
+def test_entrypoint_and_the_containers_gunicorn_command_serve_health():
+    port = _free_port()
+    command = [str(ROOT / _dockerfile_json("ENTRYPOINT")[0]), *_dockerfile_json("CMD")]
+    env = container_env(PORT=port, WEB_CONCURRENCY=1)
+    env["PATH"] = f"{BIN}:{env['PATH']}"
+    proc = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        deadline, body = time.monotonic() + 30, None
+        while time.monotonic() < deadline and body is None:
+            assert proc.poll() is None, proc.stdout.read().decode()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/", timeout=2) as r:
+                    body = json.loads(r.read())
+            except OSError:
+                time.sleep(0.2)
+        assert body == {"status": "ok", "database": "ok"}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+
+
+def test_entrypoint_gives_up_on_a_missing_database_with_a_clear_message():
+    env = container_env(DB_WAIT_TIMEOUT=2)
+    env["DATABASE_URL"] = "postgres://postgres@127.0.0.1:1/nowhere"
+    env["PATH"] = f"{BIN}:{env['PATH']}"
+    proc = subprocess.run(
+        [str(ROOT / "scripts/entrypoint.sh"), "true"], cwd=ROOT, env=env, capture_output=True,
+        text=True, timeout=60,
+    )  # fmt: skip
+    assert_clean_failure(proc, "did not accept connections within 2 s")
+
+
+def test_check_deploy_is_clean_with_the_container_settings(tmp_path):
+    env = subprocess_env(f"sqlite:///{tmp_path / 'x.sqlite3'}")
+    env["DJANGO_SETTINGS_MODULE"] = "config.settings"
+    for name, value in compose()["services"]["web"]["environment"].items():
+        # Interpolate ${VAR:-default} with its default, as compose does with a production .env.
+        value = re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(value))
+        if "${" not in value:
+            env[name] = value
+    env.update(SECRET_KEY=secrets.token_urlsafe(50), DATABASE_URL=f"sqlite:///{tmp_path / 'x.sqlite3'}")
+    env.pop("STATIC_ROOT")
+    proc = subprocess.run(
+        [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
+        cwd=ROOT, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_docker_targets_say_in_one_line_when_there_is_no_engine():
+    if (
+        shutil.which("docker")
+        and subprocess.run(["docker", "info"], capture_output=True).returncode == 0
+    ):
+        pytest.skip("a Docker engine is running here")
+    proc = subprocess.run(
+        ["make", "-s", "postgresDBContainer"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.returncode != 0
+    assert "SQLite default" in proc.stderr and "DATABASE_URL" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) <= 2  # the line, and make's own note
