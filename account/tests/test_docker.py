@@ -2,8 +2,8 @@
 container's entrypoint and exact gunicorn command on the host against the test database."""
 
 import json
-import secrets
 import re
+import secrets
 import shutil
 import socket
 import subprocess
@@ -134,7 +134,9 @@ def test_check_deploy_is_clean_with_the_container_settings(tmp_path):
         value = re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(value))
         if "${" not in value:
             env[name] = value
-    env.update(SECRET_KEY=secrets.token_urlsafe(50), DATABASE_URL=f"sqlite:///{tmp_path / 'x.sqlite3'}")
+    env.update(
+        SECRET_KEY=secrets.token_urlsafe(50), DATABASE_URL=f"sqlite:///{tmp_path / 'x.sqlite3'}"
+    )
     env.pop("STATIC_ROOT")
     proc = subprocess.run(
         [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
