@@ -1,0 +1,86 @@
+"""Helpers for the benchmark scripts: a scratch PostgreSQL database and measured subprocesses.
+
+Every measured step runs as its own process, so its wall time and peak RSS (from wait4)
+are its own. The scratch database is BENCH_DATABASE_URL, default
+postgres://postgres@127.0.0.1:5432/accounts_bench; it is dropped and created again.
+"""
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+BENCH_URL = os.environ.get(
+    "BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/accounts_bench"
+)
+
+
+@dataclass
+class Measured:
+    label: str
+    seconds: float
+    rss_mb: float
+    output: str = ""
+
+
+def recreate_database(url: str = BENCH_URL) -> None:
+    import psycopg
+
+    parts = urlsplit(url)
+    name = parts.path.lstrip("/")
+    admin = urlunsplit(parts._replace(path="/postgres"))
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+
+
+def env(**extra) -> dict:
+    return {
+        **os.environ,
+        "DATABASE_URL": BENCH_URL,
+        "DEBUG": "on",
+        "DJANGO_SETTINGS_MODULE": "config.settings",
+        **{k: str(v) for k, v in extra.items()},
+    }
+
+
+def measure(label: str, args: list[str], **extra) -> Measured:
+    """Run `python ARGS` from the project root; fail loudly if it fails."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, *args], cwd=ROOT, env=env(**extra),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    output = proc.stdout.read().decode()
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"{label} failed:\n{output}")
+    return Measured(label, seconds, usage.ru_maxrss / 1024, output)
+
+
+def manage(label: str, *args: str, **extra) -> Measured:
+    return measure(label, ["manage.py", *args], **extra)
+
+
+def setup_django() -> None:
+    os.environ.update(env())
+    import django
+
+    django.setup()
+
+
+def report(title: str, n: int, rows: list[Measured], per: str = "users") -> None:
+    print(f"\n{title} (N = {n:,}, PostgreSQL, {os.cpu_count()} cores)")
+    print(f"  {'step':<52} {'seconds':>8} {per + '/s':>12} {'peak RSS MB':>12}")
+    for m in rows:
+        count = n if not m.label.startswith("@") else int(m.label[1:].split()[0])
+        label = m.label.split(" ", 1)[1] if m.label.startswith("@") else m.label
+        rate = f"{count / m.seconds:,.0f}" if m.seconds else "-"
+        rss = f"{m.rss_mb:.0f}" if m.rss_mb else "-"
+        print(f"  {label:<52} {m.seconds:>8.1f} {rate:>12} {rss:>12}")
