@@ -1,6 +1,7 @@
 """Small database helpers shared by the commands and the migration."""
 
 from contextlib import contextmanager
+from itertools import islice
 
 from django.db import connections
 
@@ -31,22 +32,27 @@ def copy_rows(model, columns, rows, alias: str = "default") -> int:
 
 
 def insert_rows(model, columns, rows, alias: str = "default", batch_size: int = 2000) -> int:
-    """Write rows with PostgreSQL's COPY, or with bulk_create on other databases.
+    """Write rows (any iterable of tuples) with PostgreSQL's COPY, or bulk_create elsewhere.
 
-    Values go in as given: `auto_now` fields keep the value passed on both paths.
+    Values go in as given: `auto_now` fields keep the value passed on both paths. An iterator
+    is streamed: one COPY on PostgreSQL, batches of `batch_size` objects elsewhere.
     """
     if is_postgresql(alias):
         return copy_rows(model, columns, rows, alias)
-    objs = [model(**dict(zip(columns, row, strict=True))) for row in rows]
     auto_now = [f for f in model._meta.concrete_fields if getattr(f, "auto_now", False)]
     for f in auto_now:
         f.auto_now = False  # keep the given value, like COPY does
+    n = 0
     try:
-        model.objects.using(alias).bulk_create(objs, batch_size=batch_size)
+        rows = iter(rows)
+        while batch := list(islice(rows, batch_size)):
+            objs = [model(**dict(zip(columns, row, strict=True))) for row in batch]
+            model.objects.using(alias).bulk_create(objs)
+            n += len(objs)
     finally:
         for f in auto_now:
             f.auto_now = True
-    return len(objs)
+    return n
 
 
 def reset_sequences(models, alias: str = "default") -> None:
@@ -80,6 +86,8 @@ def indexes_built_after(models, alias: str = "default"):
     with connection.cursor() as cursor:
         # Run deferred foreign key checks now: ALTER TABLE refuses while any are pending.
         cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
+        # Sort a million keys in memory when building the indexes (this transaction only).
+        cursor.execute("SET LOCAL maintenance_work_mem = '256MB'")
         for model in models:
             table = model._meta.db_table
             cursor.execute(

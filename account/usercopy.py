@@ -10,7 +10,8 @@ What one copy does, inside one transaction (see the README for the rules and the
    (compared as LOWER(TRIM(email)), the way the new unique index compares them), emails
    already used by a new user, ids already taken by a different new user;
 3. streams the legacy users not yet copied, in id order and in batches, normalises each row
-   (`account.normalize`) and writes users, profiles, groups and permissions per batch;
+   (`account.normalize`) and writes users, groups and permissions per batch; then one
+   INSERT ... SELECT gives each copied user an empty profile;
 4. by default writes nothing at all when a row was rejected; with `skip_invalid` it copies
    every valid row and leaves the others in the legacy table; the report lists each rejection;
 5. resets the id sequences, then verifies what it wrote against the legacy table, field by
@@ -178,8 +179,12 @@ def _known_bad_rows(models: CopyModels, pending, alias) -> dict[int, tuple[str, 
         for pk in group:
             bad[pk] = ("email_duplicate", f"legacy users {ids} share this email (any case)")
 
+    # One cheap pass to learn whether any email is shared; the ids only when some are.
+    any_shared = shared.exists()
     for pk, key in (
         keyed.filter(key__in=Subquery(shared)).order_by("key", "pk").values_list("pk", "key")
+        if any_shared
+        else ()
     ):
         if key != last_key and group:
             flush()
@@ -206,6 +211,8 @@ def _lock(alias):
     if connection.vendor != "postgresql":
         return
     with connection.cursor() as cursor:
+        # Group a million emails in memory, not on disk (this transaction only).
+        cursor.execute("SET LOCAL work_mem = '64MB'")
         cursor.execute("SELECT pg_try_advisory_xact_lock(%s)", [LOCK_KEY])
         if not cursor.fetchone()[0]:
             raise CopyError(
@@ -220,7 +227,7 @@ def copy_users(
     alias: str = "default",
     skip_invalid: bool = False,
     dry_run: bool = False,
-    batch_size: int = 10_000,
+    batch_size: int = 20_000,
     report_dir,
     on_progress=None,
     on_start=None,
@@ -312,7 +319,7 @@ def _copy(models, alias, skip_invalid, dry_run, batch_size, report, result, on_p
             last_id = rows[-1][0]
             # Users copied before (or ids taken by another new user) in this id range are skipped.
             done = set(new.filter(pk__gte=rows[0][0], pk__lte=last_id).values_list("pk", flat=True))
-            users, profiles = [], []
+            users = []
             for row in rows:
                 pk, username = row[0], row[4]
                 if pk in done:
@@ -334,13 +341,11 @@ def _copy(models, alias, skip_invalid, dry_run, batch_size, report, result, on_p
                 users.append(
                     (*row[:5], email, row[6], row[7], phone, row[9], row[10], copy_time, copy_time)
                 )
-                profiles.append((pk, "", "", copy_time))
             result.copied += len(users)
             # Once a row is rejected under the default policy, nothing will be kept: only classify.
             writing = not dry_run and (skip_invalid or not result.rejected_total)
             if writing and users:
                 insert_rows(models.new, WRITE, users, alias)
-                insert_rows(models.profile, PROFILE_WRITE, profiles, alias)
                 ids = {u[0] for u in users}
                 result.groups += _copy_links(
                     groups_through,
@@ -358,12 +363,29 @@ def _copy(models, alias, skip_invalid, dry_run, batch_size, report, result, on_p
             if on_progress:
                 on_progress(len(rows) - len(done))
 
-    if dry_run or not result.copied or (result.rejected_total and not skip_invalid):
-        return
+        if dry_run or not result.copied or (result.rejected_total and not skip_invalid):
+            return
+        _create_profiles(models, alias, copy_time)
     reset_sequences([models.new, models.profile, new_groups_through, new_perms_through], alias)
     # Fresh statistics, so the verification queries get sensible plans after a big load.
     analyze([models.new, models.profile], alias)
     _verify(models, alias, copy_time, result)
+
+
+def _create_profiles(models, alias, copy_time):
+    """One empty profile per user this copy wrote (they carry its copy time), in one statement."""
+    connection = connections[alias]
+    qn = connection.ops.quote_name
+    profile = models.profile._meta
+    columns = ", ".join(qn(profile.get_field(name).column) for name in PROFILE_WRITE)
+    at = connection.ops.adapt_datetimefield_value(copy_time)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {qn(profile.db_table)} ({columns}) "
+            f"SELECT id, '', '', joined_at FROM {qn(models.new._meta.db_table)} "
+            "WHERE joined_at = %s AND updated_at = %s",
+            [at, at],
+        )
 
 
 def _copy_links(src, src_user, src_other, dst, dst_user, dst_other, ids, alias) -> int:

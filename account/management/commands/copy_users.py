@@ -29,8 +29,8 @@ class Command(BaseCommand):
         parser.add_argument(
             "--batch-size",
             type=int,
-            default=10_000,
-            help="Legacy rows read and written per batch (default: 10000).",
+            default=20_000,
+            help="Legacy rows read and written per batch (default: 20000).",
         )
         if not self.dry_run_default:
             parser.add_argument(
