@@ -33,7 +33,7 @@ from django.db import connection, transaction
 from django.db.migrations.recorder import MigrationRecorder
 
 from .dbutil import indexes_built_after, insert_rows, reset_sequences
-from .models import Activity, Address, NewUser, Notification, Profile, User
+from .models import Activity, Address, NewUser, Notification, OperationLog, Profile, User
 
 FORMAT = "account-backup"
 VERSION = 1
@@ -78,6 +78,16 @@ class Outcome:
     @property
     def total(self) -> int:
         return sum(self.rows.values())
+
+    def log(self, kind: str, started_at) -> None:
+        """Record the run for the status page: counts and the file name, no personal data."""
+        OperationLog.objects.create(
+            kind=kind,
+            ok=True,
+            started_at=started_at,
+            summary={"rows": self.rows, "file": self.path.name, "seconds": self.seconds},
+            message=f"{self.total} rows, {self.path.name}",
+        )
 
     def line(self, verb: str) -> str:
         size = self.path.stat().st_size if self.path.exists() else 0

@@ -42,13 +42,6 @@ class Command(BaseCommand):
             )
         finally:
             bar.close()
-        message = outcome.line("Backed up")
-        OperationLog.objects.create(
-            kind=OperationLog.Kind.BACKUP,
-            ok=True,
-            started_at=started_at,
-            summary={"rows": outcome.rows, "file": outcome.path.name, "seconds": outcome.seconds},
-            message=f"{outcome.total} rows in {outcome.path.name}",
-        )
+        outcome.log(OperationLog.Kind.BACKUP, started_at)
         if verbosity > 0:
-            self.stdout.write(self.style.SUCCESS(message))
+            self.stdout.write(self.style.SUCCESS(outcome.line("Backed up")))

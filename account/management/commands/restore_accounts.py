@@ -45,12 +45,6 @@ class Command(BaseCommand):
                 )
             )
             return
-        OperationLog.objects.create(
-            kind=OperationLog.Kind.RESTORE,
-            ok=True,
-            started_at=started_at,
-            summary={"rows": outcome.rows, "file": outcome.path.name, "seconds": outcome.seconds},
-            message=f"{outcome.total} rows from {outcome.path.name}",
-        )
+        outcome.log(OperationLog.Kind.RESTORE, started_at)
         if verbosity > 0:
             self.stdout.write(self.style.SUCCESS(outcome.line("Restored")))
