@@ -51,12 +51,9 @@ class User(AbstractBaseUser, PermissionsMixin):
 class NewUser(AbstractBaseUser, PermissionsMixin):
     """A user of the new schema: unique email (any case), E.164 phone, join and update times."""
 
-    username = models.CharField(
-        max_length=150,
-        unique=True,
-        validators=[UnicodeUsernameValidator()],
-        error_messages={"unique": "A user with that username already exists."},
-    )
+    # Unique through a constraint in Meta: a unique index, without the extra LIKE index
+    # (varchar_pattern_ops) that `unique=True` adds on PostgreSQL and the app never uses.
+    username = models.CharField(max_length=150, validators=[UnicodeUsernameValidator()])
     email = models.EmailField(
         max_length=254,
         help_text="Unique regardless of case (enforced by a unique index on LOWER(email)).",
@@ -85,6 +82,11 @@ class NewUser(AbstractBaseUser, PermissionsMixin):
         verbose_name = "user"
         verbose_name_plural = "users"
         constraints = [
+            models.UniqueConstraint(
+                fields=["username"],
+                name="account_newuser_username_unique",
+                violation_error_message="A user with that username already exists.",
+            ),
             models.UniqueConstraint(
                 Lower("email"),
                 name="account_newuser_email_ci_unique",
