@@ -367,6 +367,8 @@ def _copy(models, alias, skip_invalid, dry_run, batch_size, report, result, on_p
             return
         _create_profiles(models, alias, copy_time)
     reset_sequences([models.new, models.profile, new_groups_through, new_perms_through], alias)
+    # Fresh statistics, or the planner takes the new tables for empty and verifies slowly.
+    analyze([models.new, models.profile, new_groups_through], alias)
     _verify(models, alias, copy_time, result)
 
 
