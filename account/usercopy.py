@@ -298,10 +298,6 @@ def _copy(models, alias, skip_invalid, dry_run, batch_size, report, result, on_p
             result.rejected[reason] += 1
 
     copy_time = timezone.now()
-    groups_through, g_user, g_group = _through(models.legacy, "groups")
-    new_groups_through, ng_user, ng_group = _through(models.new, "groups")
-    perms_through, p_user, p_perm = _through(models.legacy, "user_permissions")
-    new_perms_through, np_user, np_perm = _through(models.new, "user_permissions")
 
     # The first copy loads into empty tables: on PostgreSQL, build their indexes afterwards.
     first_load = (
@@ -347,28 +343,18 @@ def _copy(models, alias, skip_invalid, dry_run, batch_size, report, result, on_p
             if writing and users:
                 insert_rows(models.new, WRITE, users, alias)
                 ids = {u[0] for u in users}
-                result.groups += _copy_links(
-                    groups_through,
-                    g_user,
-                    g_group,
-                    new_groups_through,
-                    ng_user,
-                    ng_group,
-                    ids,
-                    alias,
-                )
-                result.permissions += _copy_links(
-                    perms_through, p_user, p_perm, new_perms_through, np_user, np_perm, ids, alias
-                )
+                result.groups += _copy_links(models, "groups", ids, alias)
+                result.permissions += _copy_links(models, "user_permissions", ids, alias)
             if on_progress:
                 on_progress(len(rows) - len(done))
 
         if dry_run or not result.copied or (result.rejected_total and not skip_invalid):
             return
         _create_profiles(models, alias, copy_time)
-    reset_sequences([models.new, models.profile, new_groups_through, new_perms_through], alias)
+    links = [_through(models.new, name)[0] for name in ("groups", "user_permissions")]
+    reset_sequences([models.new, models.profile, *links], alias)
     # Fresh statistics, or the planner takes the new tables for empty and verifies slowly.
-    analyze([models.new, models.profile, new_groups_through], alias)
+    analyze([models.new, models.profile, *links], alias)
     _verify(models, alias, copy_time, result)
 
 
@@ -388,8 +374,10 @@ def _create_profiles(models, alias, copy_time):
         )
 
 
-def _copy_links(src, src_user, src_other, dst, dst_user, dst_other, ids, alias) -> int:
-    """Copy the group or permission links of the users in `ids` (one batch, ids contiguous)."""
+def _copy_links(models, name, ids, alias) -> int:
+    """Copy the `name` links (groups or user_permissions) of the users in `ids` (one batch)."""
+    src, src_user, src_other = _through(models.legacy, name)
+    dst, dst_user, dst_other = _through(models.new, name)
     lo, hi = min(ids), max(ids)
     links = [
         (user_id, other)
