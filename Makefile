@@ -28,10 +28,10 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	@touch $@
 
-install: $(VENV)/.installed ## Create .venv and install the pinned requirements
+install: $(VENV)/.installed ## Create .venv, install the pinned requirements, create .env if missing
+	@test -f .env || { cp .env.example .env && echo "Created .env from .env.example (local development settings, DEBUG on)."; }
 
 demo: install ## Run the whole flow end to end: populate, pre-flight, back up, copy, log in (SQLite unless DATABASE_URL)
-	@test -f .env || { cp .env.example .env && echo "Created .env from .env.example (local development settings)."; }
 	$(PY) scripts/demo.py
 
 test: install ## Run the test suite (PostgreSQL when DATABASE_URL is set, else SQLite)

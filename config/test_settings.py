@@ -6,6 +6,8 @@ The database stays whatever DATABASE_URL names (PostgreSQL in CI), else SQLite.
 import os
 
 os.environ.setdefault("SECRET_KEY", "test-only-secret-key-not-for-production-0123456789abcdef")
+# The tests run on the defaults and what they set, never on a developer's .env.
+os.environ["READ_DOT_ENV"] = "off"
 
 from .settings import *  # noqa: E402,F403
 from .settings import BASE_DIR, DATABASES, PASSWORD_HASHERS  # noqa: E402

@@ -37,6 +37,7 @@ def subprocess_env(url: str | None = None, **extra) -> dict:
         DJANGO_SETTINGS_MODULE="config.test_settings",
         DATABASE_URL=url if url is not None else database_url(connection.settings_dict),
         PYTHONUNBUFFERED="1",
+        READ_DOT_ENV="off",
     )
     env.update({k: str(v) for k, v in extra.items()})
     return env
