@@ -136,7 +136,8 @@ class Report:
         report_dir = Path(report_dir)
         report_dir.mkdir(parents=True, exist_ok=True)
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-        self.path = report_dir / f"user-{kind}-{stamp}.csv"
+        # The process id keeps two copies started in the same microsecond apart.
+        self.path = report_dir / f"user-{kind}-{stamp}-{os.getpid()}.csv"
         # The report names users and their emails: readable by the owner only.
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         self.file = open(fd, "w", newline="", encoding="utf-8")  # noqa: SIM115
