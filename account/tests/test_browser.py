@@ -120,6 +120,8 @@ def test_migrated_users_log_in_in_a_real_browser(run, dirty_legacy, server, brow
 
     browser.delete_all_cookies()
     log_in(browser, server, admin.username, "old-secret")
+    # Wait for the account page: the session cookie is set when the login response arrives.
+    assert browser.find_element(By.ID, "username").text == admin.username
     browser.get(f"{server}/admin/account/newuser/")
     assert "Select user to change" in browser.page_source
     assert admin.username in browser.page_source
