@@ -67,3 +67,26 @@ def test_sqlite_is_the_default_database(monkeypatch):
     config = database_from_url("sqlite:////tmp/demo.sqlite3")
     assert config["ENGINE"] == "django.db.backends.sqlite3"
     assert config["OPTIONS"]["transaction_mode"] == "IMMEDIATE"
+
+
+@pytest.mark.parametrize(
+    "url, message",
+    [
+        ("postgres://postgres@127.0.0.1:1/nowhere", "Database error"),
+        ("postgres//missing-colon", "Configuration error"),
+    ],
+)
+@pytest.mark.parametrize("target", ["migrate", "populate", "migrate-data", "backup"])
+def test_make_targets_fail_in_one_clear_line(target, url, message):
+    import subprocess
+
+    from .conftest import ROOT
+
+    if not (ROOT / ".venv" / ".installed").exists():
+        pytest.skip("make targets run from the project's .venv: run `make install` first")
+    proc = subprocess.run(
+        ["make", "-s", target], cwd=ROOT, env=subprocess_env(url), capture_output=True, text=True
+    )
+    assert_clean_failure(proc, message)
+    ours = [line for line in proc.stderr.splitlines() if not line.startswith("make")]
+    assert len(ours) == 1, proc.stderr
