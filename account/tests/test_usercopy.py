@@ -356,3 +356,11 @@ def test_a_copy_while_another_holds_the_lock_refuses_clearly(run):
     assert NewUser.objects.count() == 0
     call_command("copy_users", verbosity=0)
     assert NewUser.objects.count() == 1
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("command", ["copy_users", "check_user_migration"])
+def test_bad_batch_size_is_refused_and_nothing_is_written(run, dirty_legacy, command):
+    with pytest.raises(CommandError, match="--batch-size must be greater than 0"):
+        run(command, "--batch-size", "0", "--skip-invalid")
+    assert NewUser.objects.count() == 0
