@@ -28,8 +28,8 @@ from datetime import datetime
 from pathlib import Path
 
 from django.core.management.base import CommandError
-from django.db import connections, transaction
-from django.db.models import Count, Exists, F, OuterRef, Subquery
+from django.db import IntegrityError, connections, transaction
+from django.db.models import Count, Exists, F, Max, OuterRef, Subquery
 from django.db.models.functions import Lower, Trim
 from django.utils import timezone
 
@@ -257,6 +257,13 @@ def copy_users(
             result.seconds = time.perf_counter() - started
             if result.rejected_total and not skip_invalid and not dry_run:
                 raise CopyError(_refusal(result))
+    except IntegrityError as exc:
+        # The checks above make this unreachable unless another process wrote meanwhile.
+        first_line = (str(exc).strip().splitlines() or ["integrity error"])[0]
+        raise CopyError(
+            f"The database refused the copy ({first_line}); nothing was written. Another "
+            "process may have written to the user tables meanwhile: run the copy again."
+        ) from None
     except CopyError as exc:
         _log(models, alias, result, started_at, ok=False, message=str(exc))
         raise
@@ -306,10 +313,13 @@ def _copy(models, alias, skip_invalid, dry_run, batch_size, report, result, on_p
     )
     bulk = indexes_built_after([models.new, models.profile], alias) if first_load else nullcontext()
     with bulk:
-        last_id = 0
+        # Users added while this copy runs (higher ids) are left to the next re-sync.
+        last_id, max_id = 0, legacy.aggregate(m=Max("pk"))["m"]
         while True:
             rows = list(
-                legacy.filter(pk__gt=last_id).order_by("pk").values_list(*READ)[:batch_size]
+                legacy.filter(pk__gt=last_id, pk__lte=max_id)
+                .order_by("pk")
+                .values_list(*READ)[:batch_size]
             )
             if not rows:
                 break

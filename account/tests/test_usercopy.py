@@ -364,3 +364,14 @@ def test_bad_batch_size_is_refused_and_nothing_is_written(run, dirty_legacy, com
     with pytest.raises(CommandError, match="--batch-size must be greater than 0"):
         run(command, "--batch-size", "0", "--skip-invalid")
     assert NewUser.objects.count() == 0
+
+
+@pytest.mark.django_db
+def test_a_unique_key_the_checks_missed_stops_the_copy_in_one_line(run, monkeypatch):
+    # As if another process had written a duplicate after the checks ran.
+    monkeypatch.setattr(usercopy, "_known_bad_rows", lambda *args: {})
+    make_legacy("first", "same@example.com")
+    make_legacy("second", "SAME@example.com")
+    with pytest.raises(CommandError, match="The database refused the copy.*run the copy again"):
+        run("copy_users")
+    assert NewUser.objects.count() == 0
