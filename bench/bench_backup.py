@@ -63,9 +63,11 @@ def main() -> None:
     limit = Measured(f"@{n} COPY row_to_json TO STDOUT (limit)", copy_limit(), 0)
     report("Backup and restore of legacy users", n,
            [small_backup, small_restore, backup, restore, dumpdata, limit], per="rows")  # fmt: skip
+    dumpdata_n = dumpdata.seconds * n / sample  # projected from the sample's rate
     print(
-        f"\n  backup: {dumpdata.seconds / backup.seconds:.1f}x faster than dumpdata, "
-        f"{backup.seconds / limit.seconds:.1f}x the COPY limit; file {target.stat().st_size / 1e6:.0f} MB"
+        f"\n  dumpdata projected for N: {dumpdata_n:.0f} s; backup {dumpdata_n / backup.seconds:.0f}x "
+        f"faster; {backup.seconds / limit.seconds:.1f}x the COPY limit; file "
+        f"{target.stat().st_size / 1e6:.0f} MB"
     )
     print(
         f"  peak RSS: backup {small_backup.rss_mb:.0f} -> {backup.rss_mb:.0f} MB, "
