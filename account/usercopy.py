@@ -152,7 +152,7 @@ class Report:
 
 
 def _through(model, name):
-    """The auto-created m2m table of `model.<name>` and its two column attnames."""
+    """The auto-created m2m table of `model.<name>` and its two columns (also their attnames)."""
     m2m = model._meta.get_field(name)
     return m2m.remote_field.through, m2m.m2m_column_name(), m2m.m2m_reverse_name()
 
@@ -452,10 +452,7 @@ def _verify(models, alias, copy_time, result):
         src, s_user, s_other = _through(models.legacy, name)
         dst, d_user, d_other = _through(models.new, name)
         src_t, dst_t = qn(src._meta.db_table), qn(dst._meta.db_table)
-        s_user, s_other, d_user, d_other = (
-            qn(c)
-            for c in (_col(src, s_user), _col(src, s_other), _col(dst, d_user), _col(dst, d_other))
-        )
+        s_user, s_other, d_user, d_other = (qn(c) for c in (s_user, s_other, d_user, d_other))
         missing = first_ids(
             f"""SELECT n.id FROM {src_t} s JOIN {new_t} n ON n.id = s.{s_user}
             WHERE {this_run} AND NOT EXISTS (SELECT 1 FROM {dst_t} d
@@ -476,10 +473,6 @@ def _verify(models, alias, copy_time, result):
             "Verification failed, the copy was rolled back and nothing was written: "
             + "; ".join(problems)
         )
-
-
-def _col(model, attname):
-    return model._meta.get_field(attname.removesuffix("_id")).column
 
 
 def _verify_phones(models, alias, copy_time) -> list[str]:
