@@ -159,6 +159,28 @@ class Notification(models.Model):
         return self.message_body[:50]
 
 
+class SyncState(models.Model):
+    """What the last sync wrote for one user copied from the legacy table: digests, no data.
+
+    The sync compares them with digests of the rows as they are now, so it knows which side
+    changed since, whatever wrote it: `save()`, `update()`, `update_fields`, links, raw SQL.
+    A new user without a row here was not made by the copy (a signup) and is never touched.
+    """
+
+    user_id = models.BigIntegerField(
+        primary_key=True, help_text="The same id on both sides: the legacy user and its copy."
+    )
+    legacy_digest = models.UUIDField(help_text="MD5 of the legacy row and its links when synced.")
+    new_digest = models.UUIDField(help_text="MD5 of the new row and its links as the sync left it.")
+    synced_at = models.DateTimeField()
+
+    class Meta:
+        verbose_name = "sync state"
+
+    def __str__(self):
+        return f"user {self.user_id} synced at {self.synced_at:%Y-%m-%d %H:%M}"
+
+
 class OperationLog(models.Model):
     """One run of a copy, check, backup or restore, shown on the status page."""
 

@@ -1,21 +1,36 @@
-"""Copy legacy users into NewUser + Profile: the one engine behind migration 0002 and the commands.
+"""Keep NewUser a faithful mirror of the legacy user table: the one engine behind migration
+0002 (the first copy), `copy_users` (every re-sync) and `check_user_migration` (pre-flight).
 
-Every function takes the model classes as arguments, so the data migration passes historical
-models (`apps.get_model`) and the commands pass the real ones.
+The legacy table is the source until the cut-over. `SyncState` holds, per user the copy made,
+a digest of the legacy row and of the new row as the last sync left them, so a sync knows
+which side changed since, whatever wrote it. For every user id (the README shows this table):
 
-What one copy does, inside one transaction (see the README for the rules and the policy):
+    legacy row      new row                     what the sync does
+    new             -                           insert it (with links and an empty profile)
+    new             a signup holds the id       reject: id_taken
+    changed         untouched                   carry every field and link across
+    changed         changed (or deleted)        conflict: reported by id and field
+    unchanged       changed (or deleted)        keep the new side
+    deleted         untouched, nothing points   delete it (profile, links) on the new side
+                    at it but its empty profile
+    deleted         in use, or changed          reject: deleted_but_in_use, or conflict
 
-1. takes a lock, so a second copy started meanwhile refuses (PostgreSQL) or waits (SQLite);
-2. finds the rows the new schema cannot take in SQL: emails shared by several legacy users
-   (compared as LOWER(TRIM(email)), the way the new unique index compares them), emails
-   already used by a new user, ids already taken by a different new user;
-3. streams the legacy users not yet copied, in id order and in batches, normalises each row
-   (`account.normalize`) and writes users, groups and permissions per batch; then one
-   INSERT ... SELECT gives each copied user an empty profile;
-4. by default writes nothing at all when a row was rejected; with `skip_invalid` it copies
-   every valid row and leaves the others in the legacy table; the report lists each rejection;
-5. resets the id sequences, then verifies what it wrote against the legacy table, field by
-   field, and rolls everything back on any difference.
+New users without a SyncState row (signups) are never touched. One sync, in one transaction
+that reads the legacy table in one snapshot (REPEATABLE READ on PostgreSQL):
+
+1. lock: a second sync refuses (PostgreSQL advisory lock) or waits (SQLite);
+2. plan: one pass over the legacy table compares each row's digest with SyncState and puts
+   what there is to do in a temporary table; users deleted from the legacy table are listed;
+3. collisions: what only the whole table shows (an email shared by several rows being
+   written, an email or username held by another new user, an id held by a signup);
+4. write: stream the planned rows in id order, normalise each (`account.normalize`), insert
+   or update users and replace their links per batch; give new users an empty profile; delete
+   users removed from the legacy table. By default one rejected row means nothing is written;
+   with `skip_invalid` the valid rows are written and the rejected ones reported;
+5. move the id sequence past every legacy id, so a signup never takes a legacy user's id;
+6. verify every row written against its legacy row, field by field and link by link, with
+   rules of its own; any difference rolls everything back;
+7. record the digests of every user written in SyncState.
 """
 
 import csv
@@ -25,19 +40,28 @@ from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import islice
 from pathlib import Path
 
 from django.core.management.base import CommandError
-from django.db import IntegrityError, connections, transaction
-from django.db.models import Count, Exists, F, Max, OuterRef, Subquery
-from django.db.models.functions import Lower, Trim
+from django.db import DatabaseError, connections, transaction
+from django.db.models import Max
+from django.db.models.expressions import RawSQL
 from django.utils import timezone
 
-from .dbutil import analyze, indexes_built_after, insert_rows, reset_sequences
-from .normalize import Rejected, check_username, normalize_email, normalize_phone
+from .dbutil import analyze, indexes_built_after, insert_rows, reset_sequences, update_rows
+from .normalize import (
+    Rejected,
+    check_password_hash,
+    check_username,
+    email_matches,
+    normalize_email,
+    normalize_phone,
+    phone_matches,
+)
 
-# Legacy columns read, and the NewUser columns written, in the same order.
-READ = (
+# The legacy fields read; NewUser receives them (email and phone normalised) plus its times.
+FIELDS = (
     "id",
     "password",
     "last_login",
@@ -50,23 +74,28 @@ READ = (
     "is_active",
     "is_staff",
 )
-WRITE = (*READ, "joined_at", "updated_at")
+INSERT_FIELDS = (*FIELDS, "joined_at", "updated_at")
+UPDATE_FIELDS = (*FIELDS, "updated_at")
+LINKS = ("groups", "user_permissions")
 PROFILE_WRITE = ("user_id", "bio", "avatar", "updated_at")
-LOCK_KEY = 727_001  # pg advisory lock id of the user copy
+LOCK_KEY = 727_001  # pg advisory lock id of the user sync
 REPORT_FIELDS = ("legacy_id", "username", "reason", "detail")
+PLAN = "sync_plan"  # the temporary table of what one sync has to do
+SMALL = 900  # ids per IN (...) list: below SQLite's 999 parameters
 
 
 class CopyError(CommandError):
-    """The copy refused or failed; nothing was written. The message says what to do."""
+    """The sync refused or failed; nothing was written. The message says what to do."""
 
 
 @dataclass
 class CopyModels:
-    """The models the copy reads and writes (historical ones in a migration)."""
+    """The models the sync reads and writes (historical ones in a migration)."""
 
     legacy: type
     new: type
     profile: type
+    state: type
     log: type | None = None
 
     @classmethod
@@ -75,22 +104,26 @@ class CopyModels:
             legacy=apps.get_model("account", "User"),
             new=apps.get_model("account", "NewUser"),
             profile=apps.get_model("account", "Profile"),
+            state=apps.get_model("account", "SyncState"),
             log=apps.get_model("account", "OperationLog"),
         )
 
 
 @dataclass
 class CopyResult:
-    """What a copy (or a dry run of it) did; counts only, no personal data."""
+    """What a sync (or a dry run of it) did; counts only, no personal data."""
 
     dry_run: bool = False
-    pending: int = 0
-    copied: int = 0
-    already_copied: int = 0
+    legacy_total: int = 0
+    pending: int = 0  # legacy rows new or changed since the last sync, and users deleted
+    copied: int = 0  # inserted
+    updated: int = 0
+    deleted: int = 0
     groups: int = 0
     permissions: int = 0
     rejected: Counter = field(default_factory=Counter)
     normalised: Counter = field(default_factory=Counter)
+    passwords: Counter = field(default_factory=Counter)
     seconds: float = 0.0
     report: Path | None = None
 
@@ -98,32 +131,47 @@ class CopyResult:
     def rejected_total(self) -> int:
         return sum(self.rejected.values())
 
+    @property
+    def conflicts(self) -> int:
+        return self.rejected["conflict"]
+
+    @property
+    def written(self) -> int:
+        return self.copied + self.updated + self.deleted
+
     def summary(self) -> dict:
         return {
+            "legacy_total": self.legacy_total,
             "pending": self.pending,
             "copied": self.copied,
-            "already_copied": self.already_copied,
+            "updated": self.updated,
+            "deleted": self.deleted,
+            "conflicts": self.conflicts,
             "groups": self.groups,
             "permissions": self.permissions,
             "rejected": self.rejected_total,
             "rejected_by_reason": dict(sorted(self.rejected.items())),
             "normalised_by_kind": dict(sorted(self.normalised.items())),
+            "password_algorithms": dict(sorted(self.passwords.items())),
             "seconds": round(self.seconds, 2),
             "report": self.report.name if self.report else None,
         }
 
     def lines(self) -> list[str]:
-        verb = "would copy" if self.dry_run else "copied"
+        would = "would " if self.dry_run else ""
         out = [
-            f"{self.pending} legacy users not yet copied, {self.already_copied} copied before; "
-            f"{verb} {self.copied} "
-            f"(with {self.groups} group and {self.permissions} permission links) "
-            f"in {self.seconds:.1f} s."
+            f"{self.legacy_total} legacy users, {self.pending} new, changed or deleted since the "
+            f"last sync: {would}insert {self.copied}, {would}update {self.updated}, "
+            f"{would}delete {self.deleted} (with {self.groups} group and {self.permissions} "
+            f"permission links) in {self.seconds:.1f} s."
         ]
         for reason, n in sorted(self.rejected.items()):
             out.append(f"  rejected, {reason}: {n}")
         for kind, n in sorted(self.normalised.items()):
             out.append(f"  normalised, {kind}: {n}")
+        if self.passwords:
+            counts = ", ".join(f"{name} {n}" for name, n in sorted(self.passwords.items()))
+            out.append(f"  password hashes: {counts}")
         if self.report:
             out.append(f"  report: {self.report}")
         return out
@@ -136,7 +184,7 @@ class Report:
         report_dir = Path(report_dir)
         report_dir.mkdir(parents=True, exist_ok=True)
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-        # The process id keeps two copies started in the same microsecond apart.
+        # The process id keeps two syncs started in the same microsecond apart.
         self.path = report_dir / f"user-{kind}-{stamp}-{os.getpid()}.csv"
         # The report names users and their emails: readable by the owner only.
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -151,77 +199,6 @@ class Report:
         self.file.close()
 
 
-def _through(model, name):
-    """The auto-created m2m table of `model.<name>` and its two columns (also their attnames)."""
-    m2m = model._meta.get_field(name)
-    return m2m.remote_field.through, m2m.m2m_column_name(), m2m.m2m_reverse_name()
-
-
-def _known_bad_rows(models: CopyModels, pending, alias) -> dict[int, tuple[str, str]]:
-    """Rows rejected for what only the whole table shows: shared emails, ids and emails taken."""
-    bad: dict[int, tuple[str, str]] = {}
-    new = models.new.objects.using(alias)
-    # Ids already used by a new user with another username: an error, never an overwrite.
-    clash = (
-        models.legacy.objects.using(alias)
-        .filter(Exists(new.filter(pk=OuterRef("pk")).exclude(username=OuterRef("username"))))
-        .values_list("pk", "username")
-    )
-    for pk, username in clash:
-        bad[pk] = ("id_taken", f"id {pk} already belongs to a new user other than {username!r}")
-
-    keyed = pending.annotate(key=Lower(Trim("email"))).exclude(key="")
-    shared = keyed.values("key").annotate(n=Count("pk")).filter(n__gt=1).values("key")
-    group: list[int] = []
-    last_key = None
-
-    def flush():
-        ids = ", ".join(map(str, group))
-        for pk in group:
-            bad[pk] = ("email_duplicate", f"legacy users {ids} share this email (any case)")
-
-    # One cheap pass to learn whether any email is shared; the ids only when some are.
-    any_shared = shared.exists()
-    for pk, key in (
-        keyed.filter(key__in=Subquery(shared)).order_by("key", "pk").values_list("pk", "key")
-        if any_shared
-        else ()
-    ):
-        if key != last_key and group:
-            flush()
-            group = []
-        group.append(pk)
-        last_key = key
-    if group:
-        flush()
-
-    if new.exists():
-        taken_by = new.annotate(k=Lower("email")).filter(k=OuterRef("key")).values("pk")[:1]
-        for pk, other in (
-            keyed.annotate(other=Subquery(taken_by))
-            .filter(other__isnull=False)
-            .values_list("pk", "other")
-        ):
-            bad.setdefault(pk, ("email_taken", f"email already used by new user {other}"))
-    return bad
-
-
-def _lock(alias):
-    """Refuse a second copy while one runs (PostgreSQL); SQLite queues writers by itself."""
-    connection = connections[alias]
-    if connection.vendor != "postgresql":
-        return
-    with connection.cursor() as cursor:
-        # Group a million emails in memory, not on disk (this transaction only).
-        cursor.execute("SET LOCAL work_mem = '64MB'")
-        cursor.execute("SELECT pg_try_advisory_xact_lock(%s)", [LOCK_KEY])
-        if not cursor.fetchone()[0]:
-            raise CopyError(
-                "Another user copy is running on this database; wait for it to finish, "
-                "then run again (it will copy only what is still missing)."
-            )
-
-
 def copy_users(
     models: CopyModels,
     *,
@@ -233,341 +210,770 @@ def copy_users(
     on_progress=None,
     on_start=None,
 ) -> CopyResult:
-    """Copy every legacy user not yet in NewUser; see the module docstring for the steps."""
-    started, started_at = time.perf_counter(), timezone.now()
-    result = CopyResult(dry_run=dry_run)
+    """Bring NewUser in line with the legacy table; see the module docstring for the steps.
+
+    Called inside a transaction (the cut-over holds the legacy tables locked), it runs in a
+    savepoint of it and reads in the caller's isolation level.
+    """
+    sync = Sync(models, alias, skip_invalid, dry_run, batch_size, on_progress, on_start)
+    connection = connections[alias]
+    nested = connection.in_atomic_block
     report = Report(report_dir, "check" if dry_run else "copy")
-    result.report = report.path
+    sync.result.report = report.path
+    sync.report = report
     try:
-        # dry_run writes nothing, but still reads in one transaction for a consistent view.
         with transaction.atomic(using=alias):
-            if not dry_run:
-                _lock(alias)
-            _copy(
-                models,
-                alias,
-                skip_invalid,
-                dry_run,
-                batch_size,
-                report,
-                result,
-                on_progress,
-                on_start,
-            )
-            result.seconds = time.perf_counter() - started
-            if result.rejected_total and not skip_invalid and not dry_run:
-                raise CopyError(_refusal(result))
-    except IntegrityError as exc:
-        # The checks above make this unreachable unless another process wrote meanwhile.
-        first_line = (str(exc).strip().splitlines() or ["integrity error"])[0]
-        raise CopyError(
-            f"The database refused the copy ({first_line}); nothing was written. Another "
-            "process may have written to the user tables meanwhile: run the copy again."
-        ) from None
+            sync.run(outermost=not nested)
+            if dry_run:
+                transaction.set_rollback(True, using=alias)
     except CopyError as exc:
-        _log(models, alias, result, started_at, ok=False, message=str(exc))
+        sync.log(ok=False, message=str(exc))
         raise
+    except DatabaseError as exc:
+        message = (
+            f"The database refused the sync ({database_error_line(exc)}); nothing was written. "
+            "Another process may have written to the user tables meanwhile: run it again."
+        )
+        sync.log(ok=False, message=message)
+        raise CopyError(message) from exc
     finally:
         report.close()
-        if not result.rejected_total:
-            result.report.unlink()
-            result.report = None
-    _log(models, alias, result, started_at, ok=True, message=result.lines()[0])
-    return result
+        if not sync.result.rejected_total:
+            report.path.unlink()
+            sync.result.report = None
+    sync.log(ok=True, message=sync.result.lines()[0])
+    return sync.result
+
+
+def database_error_line(exc) -> str:
+    """What went wrong, in one line and without the values (PostgreSQL's DETAIL names them)."""
+    diag = getattr(exc.__cause__, "diag", None)
+    if diag is not None and diag.sqlstate:
+        where = f", constraint {diag.constraint_name}" if diag.constraint_name else ""
+        return f"{type(exc.__cause__).__name__}, SQLSTATE {diag.sqlstate}{where}"
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _refusal(result: CopyResult) -> str:
     reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(result.rejected.items()))
     return (
-        f"{result.rejected_total} legacy users cannot be copied as they are ({reasons}); "
+        f"{result.rejected_total} legacy users cannot be synced as they are ({reasons}); "
         f"nothing was written. Every row is listed in {result.report}. Either fix those rows "
-        "in the legacy table and run again, or copy the valid rows and leave these behind "
-        "with USER_COPY_SKIP_INVALID=on (make migrate-data SKIP_INVALID=1)."
+        "and run again, or write the valid rows and leave these behind with "
+        "USER_COPY_SKIP_INVALID=on (make migrate-data SKIP_INVALID=1)."
     )
 
 
-def _copy(models, alias, skip_invalid, dry_run, batch_size, report, result, on_progress, on_start):
-    legacy = models.legacy.objects.using(alias)
-    new = models.new.objects.using(alias)
-    copied_before = Exists(new.filter(pk=OuterRef("pk"), username=OuterRef("username")))
-    pending = legacy.exclude(Exists(new.filter(pk=OuterRef("pk"))))
-    result.already_copied = legacy.filter(copied_before).count()
-    result.pending = legacy.exclude(copied_before).count()
-    if on_start:
-        on_start(result.pending)
-    if not result.pending:
-        return
-    analyze([models.legacy], alias)
-    bad = _known_bad_rows(models, pending, alias)
-    # Ids taken by another new user are not in `pending` (that excludes every id in NewUser).
-    for pk, (reason, detail) in bad.items():
-        if reason == "id_taken":
-            report.add(pk, "", reason, detail)
-            result.rejected[reason] += 1
+class Sync:
+    """One sync run; its methods are the steps of the module docstring."""
 
-    copy_time = timezone.now()
-    # Formatted once: dumping a datetime per row for COPY costs more than the string.
-    stamp = copy_time.isoformat() if connections[alias].vendor == "postgresql" else copy_time
+    def __init__(self, models, alias, skip_invalid, dry_run, batch_size, on_progress, on_start):
+        self.models = models
+        self.alias = alias
+        self.skip_invalid = skip_invalid
+        self.dry_run = dry_run
+        self.batch_size = batch_size
+        self.on_progress = on_progress or (lambda n: None)
+        self.on_start = on_start or (lambda n: None)
+        self.connection = connections[alias]
+        self.qn = self.connection.ops.quote_name
+        self.result = CopyResult(dry_run=dry_run)
+        self.report = None
+        self.started, self.started_at = time.perf_counter(), timezone.now()
+        self.stamp = timezone.now()  # joined_at of users inserted, updated_at of all written
+        self.bad: dict[int, tuple[str, str]] = {}  # rejected before their batch is read
+        self.deleted_ids: list[int] = []
 
-    # The first copy loads into empty tables: on PostgreSQL, build their indexes afterwards.
-    first_load = (
-        not dry_run and not new.exists() and not models.profile.objects.using(alias).exists()
-    )
-    bulk = indexes_built_after([models.new, models.profile], alias) if first_load else nullcontext()
-    with bulk:
-        # Users added while this copy runs (higher ids) are left to the next re-sync.
-        last_id, max_id = 0, legacy.aggregate(m=Max("pk"))["m"]
-        while True:
-            rows = list(
-                legacy.filter(pk__gt=last_id, pk__lte=max_id)
-                .order_by("pk")
-                .values_list(*READ)[:batch_size]
-            )
-            if not rows:
-                break
-            last_id = rows[-1][0]
-            # Users copied before (or ids taken by another new user) in this id range are skipped.
-            done = set(new.filter(pk__gte=rows[0][0], pk__lte=last_id).values_list("pk", flat=True))
-            users = []
-            for row in rows:
-                pk, username = row[0], row[4]
-                if pk in done:
-                    continue
-                try:
-                    if pk in bad:
-                        raise Rejected(*bad[pk])
-                    check_username(username)
-                    email, email_change = normalize_email(row[5])
-                    phone, phone_change = normalize_phone(row[8])
-                except Rejected as rejected:
-                    report.add(pk, username, rejected.reason, rejected.detail)
-                    result.rejected[rejected.reason] += 1
-                    continue
-                if email_change:
-                    result.normalised[email_change] += 1
-                if phone_change:
-                    result.normalised[phone_change] += 1
-                users.append(
-                    (*row[:5], email, row[6], row[7], phone, row[9], row[10], stamp, stamp)
-                )
-            result.copied += len(users)
-            # Once a row is rejected under the default policy, nothing will be kept: only classify.
-            writing = not dry_run and (skip_invalid or not result.rejected_total)
-            if writing and users:
-                insert_rows(models.new, WRITE, users, alias)
-                ids = {u[0] for u in users}
-                result.groups += _copy_links(models, "groups", ids, alias)
-                result.permissions += _copy_links(models, "user_permissions", ids, alias)
-            if on_progress:
-                on_progress(len(rows) - len(done))
+    # Names, SQL fragments and small helpers.
 
-        if dry_run or not result.copied or (result.rejected_total and not skip_invalid):
-            return
-        _create_profiles(models, alias, copy_time)
-    links = [_through(models.new, name)[0] for name in ("groups", "user_permissions")]
-    reset_sequences([models.new, models.profile, *links], alias)
-    # Fresh statistics, or the planner takes the new tables for empty and verifies slowly.
-    analyze([models.new, models.profile, *links], alias)
-    _verify(models, alias, copy_time, result)
+    def table(self, model) -> str:
+        return self.qn(model._meta.db_table)
 
+    def column(self, model, name) -> str:
+        return self.qn(model._meta.get_field(name).column)
 
-def _create_profiles(models, alias, copy_time):
-    """One empty profile per user this copy wrote (they carry its copy time), in one statement."""
-    connection = connections[alias]
-    qn = connection.ops.quote_name
-    profile = models.profile._meta
-    columns = ", ".join(qn(profile.get_field(name).column) for name in PROFILE_WRITE)
-    at = connection.ops.adapt_datetimefield_value(copy_time)
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"INSERT INTO {qn(profile.db_table)} ({columns}) "
-            f"SELECT id, '', '', joined_at FROM {qn(models.new._meta.db_table)} "
-            "WHERE joined_at = %s AND updated_at = %s",
-            [at, at],
-        )
+    def links(self, model, name):
+        """The m2m table of `model.<name>` and its two columns."""
+        m2m = model._meta.get_field(name)
+        return m2m.remote_field.through, m2m.m2m_column_name(), m2m.m2m_reverse_name()
 
-
-def _copy_links(models, name, ids, alias) -> int:
-    """Copy the `name` links (groups or user_permissions) of the users in `ids` (one batch)."""
-    src, src_user, src_other = _through(models.legacy, name)
-    dst, dst_user, dst_other = _through(models.new, name)
-    lo, hi = min(ids), max(ids)
-    links = [
-        (user_id, other)
-        for user_id, other in src.objects.using(alias)
-        .filter(**{f"{src_user}__gte": lo, f"{src_user}__lte": hi})
-        .values_list(src_user, src_other)
-        if user_id in ids
-    ]
-    if links:
-        insert_rows(dst, (dst_user, dst_other), links, alias)
-    return len(links)
-
-
-def _verify(models, alias, copy_time, result):
-    """Compare what this copy wrote with the legacy rows; raise (rolling back) on any difference."""
-    connection = connections[alias]
-    qn = connection.ops.quote_name
-    same = "IS NOT DISTINCT FROM" if connection.vendor == "postgresql" else "IS"
-    legacy_t, new_t = qn(models.legacy._meta.db_table), qn(models.new._meta.db_table)
-    profile_t = qn(models.profile._meta.db_table)
-    problems = []
-
-    def scalar(sql, params=()):
-        with connection.cursor() as cursor:
+    def sql(self, sql, params=()):
+        with self.connection.cursor() as cursor:
             cursor.execute(sql, params)
-            return cursor.fetchone()[0]
+            return cursor.fetchall() if cursor.description else None
 
-    def first_ids(sql, params=()):
-        with connection.cursor() as cursor:
-            cursor.execute(sql + " ORDER BY n.id LIMIT 5", params)
-            return [r[0] for r in cursor.fetchall()]
+    @property
+    def postgresql(self) -> bool:
+        return self.connection.vendor == "postgresql"
 
-    this_run = "n.joined_at = %s AND n.updated_at = %s"
-    at = connection.ops.adapt_datetimefield_value(copy_time)  # as the ORM stores it
-    params = [at, at]
-    n_users = scalar(f"SELECT COUNT(*) FROM {new_t} n WHERE {this_run}", params)
-    if n_users != result.copied:
-        problems.append(f"{n_users} new users written, {result.copied} expected")
-    n_profiles = scalar(
-        f"SELECT COUNT(*) FROM {profile_t} p JOIN {new_t} n ON n.id = p.user_id WHERE {this_run}",
-        params,
-    )
-    if n_profiles != result.copied:
-        problems.append(f"{n_profiles} profiles for {result.copied} copied users")
-    differ = first_ids(
-        f"""SELECT n.id FROM {new_t} n LEFT JOIN {legacy_t} l ON l.id = n.id
-        WHERE {this_run} AND (l.id IS NULL OR NOT (
-            n.username = l.username AND n.password = l.password AND n.full_name = l.full_name
-            AND n.is_active = l.is_active AND n.is_staff = l.is_staff
-            AND n.is_superuser = l.is_superuser
-            AND n.date_of_birth {same} l.date_of_birth AND n.last_login {same} l.last_login
-            AND LOWER(n.email) = LOWER(TRIM(l.email))
-            AND (n.phone_number = '') = (TRIM(l.phone_number) = '')))""",
-        params,
-    )
-    if differ:
-        problems.append(f"fields differ from the legacy row for new users {differ}")
-    for name in ("groups", "user_permissions"):
-        src, s_user, s_other = _through(models.legacy, name)
-        dst, d_user, d_other = _through(models.new, name)
-        src_t, dst_t = qn(src._meta.db_table), qn(dst._meta.db_table)
-        s_user, s_other, d_user, d_other = (qn(c) for c in (s_user, s_other, d_user, d_other))
-        missing = first_ids(
-            f"""SELECT n.id FROM {src_t} s JOIN {new_t} n ON n.id = s.{s_user}
-            WHERE {this_run} AND NOT EXISTS (SELECT 1 FROM {dst_t} d
-                WHERE d.{d_user} = s.{s_user} AND d.{d_other} = s.{s_other})""",
-            params,
-        )
-        extra = first_ids(
-            f"""SELECT n.id FROM {dst_t} d JOIN {new_t} n ON n.id = d.{d_user}
-            WHERE {this_run} AND NOT EXISTS (SELECT 1 FROM {src_t} s
-                WHERE s.{s_user} = d.{d_user} AND s.{s_other} = d.{d_other})""",
-            params,
-        )
-        if missing or extra:
-            problems.append(f"{name} differ for new users {sorted(set(missing + extra))[:5]}")
-    problems += _verify_phones(models, alias, copy_time)
-    if problems:
-        raise CopyError(
-            "Verification failed, the copy was rolled back and nothing was written: "
-            + "; ".join(problems)
-        )
+    @property
+    def at(self):
+        """The stamp as the ORM stores it, for raw SQL comparisons."""
+        return self.connection.ops.adapt_datetimefield_value(self.stamp)
 
+    @property
+    def writing(self) -> bool:
+        """Once a row is rejected under the default policy nothing will be kept: only classify."""
+        return not self.dry_run and (self.skip_invalid or not self.result.rejected_total)
 
-def _verify_phones(models, alias, copy_time) -> list[str]:
-    """Phones are reformatted, so compare each stored value with the rule applied again."""
-    connection = connections[alias]
-    qn = connection.ops.quote_name
-    wrong = []
-    # A server-side cursor on PostgreSQL: one join, streamed, memory flat.
-    with connection.chunked_cursor() as cursor:
-        cursor.execute(
-            f"SELECT n.id, n.phone_number, l.phone_number FROM {qn(models.new._meta.db_table)} n "
-            f"JOIN {qn(models.legacy._meta.db_table)} l ON l.id = n.id "
-            "WHERE n.joined_at = %s AND n.updated_at = %s",
-            [connection.ops.adapt_datetimefield_value(copy_time)] * 2,
-        )
-        while rows := cursor.fetchmany(20_000):
-            for pk, phone, old in rows:
-                if normalize_phone(old)[0] != phone and len(wrong) < 5:
-                    wrong.append(pk)
-    return [f"phone numbers differ for new users {sorted(wrong)}"] if wrong else []
+    def reject(self, pk, username, reason, detail):
+        self.report.add(pk, username, reason, detail)
+        self.result.rejected[reason] += 1
 
+    def digest(self, model, row: str, *, correlated: bool) -> tuple[str, str]:
+        """SQL for an MD5 digest of a user row `row` of `model` with its links: (joins, expr).
 
-def _log(models, alias, result, started_at, *, ok, message):
-    """Record the run for the status page (counts only), unless it was a dry run or a no-op."""
-    if models.log is None or result.dry_run or not result.pending:
-        return
-    models.log.objects.using(alias).create(
-        kind="copy", ok=ok, started_at=started_at, summary=result.summary(), message=message
-    )
+        The same expression always gives the same digest for the same values, so comparing
+        it with the one SyncState recorded tells whether anything changed. `correlated` reads
+        the links per row (cheap for a few rows); otherwise they are joined, grouped once.
+        """
+        qn, pg = self.qn, self.postgresql
+        names = [n for n in FIELDS if n != "id"]
+        if model is self.models.new:
+            names.append("updated_at")  # any save(), even one that changes no value
+        values = [f"{row}.{self.column(model, n)}" for n in names]
+        joins = []
+        for i, name in enumerate(LINKS):
+            through, user_col, other_col = self.links(model, name)
+            link_t, user_col, other_col = self.table(through), qn(user_col), qn(other_col)
+            agg = f"array_agg({other_col} ORDER BY {other_col})" if pg else "group_concat(x)"
+            if correlated:
+                inner = f"SELECT {other_col} AS x FROM {link_t} WHERE {user_col} = {row}.id"
+                values.append(
+                    f"(SELECT {agg} FROM {link_t} WHERE {user_col} = {row}.id)"
+                    if pg
+                    else f"(SELECT {agg} FROM ({inner} ORDER BY x))"
+                )
+            else:
+                inner = f"SELECT {user_col} AS u, {other_col} AS x FROM {link_t} ORDER BY u, x"
+                source = f"{link_t} GROUP BY {user_col}" if pg else f"({inner}) GROUP BY u"
+                key = user_col if pg else "u"
+                joins.append(
+                    f"LEFT JOIN (SELECT {key} AS u, {agg} AS ids FROM {source}) {row}_l{i} "
+                    f"ON {row}_l{i}.u = {row}.id"
+                )
+                values.append(f"{row}_l{i}.ids")
+        if pg:
+            return " ".join(joins), f"md5(ROW({', '.join(values)})::text)::uuid"
+        return " ".join(joins), "MD5(" + " || ',' || ".join(f"quote({v})" for v in values) + ")"
 
+    # The steps.
 
-def _tables_referencing(table, alias) -> list[str]:
-    """Every table with a foreign key to `table` (admin log, addresses, profiles, ...)."""
-    connection = connections[alias]
-    with connection.cursor() as cursor:
-        return sorted(
-            other
-            for other in connection.introspection.table_names(cursor)
-            if any(
-                ref_table == table
-                for _, ref_table in connection.introspection.get_relations(cursor, other).values()
+    def run(self, *, outermost: bool):
+        if self.postgresql and outermost:
+            # One snapshot of the legacy table for every read of this sync.
+            self.sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        if not self.dry_run:
+            self.lock()
+        legacy = self.models.legacy.objects.using(self.alias)
+        self.result.legacy_total = legacy.count()
+        self.max_legacy_id = legacy.aggregate(m=Max("pk"))["m"] or 0
+        self.sql(f"DROP TABLE IF EXISTS {PLAN}")
+        try:
+            planned = self.plan()
+            removed = self.removed_users()
+            self.result.pending = planned + len(removed)
+            self.on_start(self.result.pending)
+            if not self.result.pending:
+                return
+            self.find_collisions()
+            first_load = not self.dry_run and not self.state_or_new_exist()
+            tables = [self.models.new, self.models.profile]
+            with indexes_built_after(tables, self.alias) if first_load else nullcontext():
+                self.write_batches()
+                self.delete_removed(removed)
+                if self.writing:
+                    self.create_profiles()
+            if self.result.rejected_total and not self.skip_invalid and not self.dry_run:
+                raise CopyError(_refusal(self.result))
+            if self.dry_run:
+                return
+            self.advance_sequences()
+            if not self.result.written:
+                return
+            links = [self.links(self.models.new, name)[0] for name in LINKS]
+            # Fresh statistics, or the planner takes the new tables for empty and verifies slowly.
+            analyze([self.models.new, self.models.profile, *links], self.alias)
+            self.verify()
+            self.record()
+        finally:
+            self.sql(f"DROP TABLE IF EXISTS {PLAN}")
+            self.result.seconds = time.perf_counter() - self.started
+
+    def lock(self):
+        """Refuse a second sync while one runs (PostgreSQL); SQLite queues writers by itself."""
+        if not self.postgresql:
+            return
+        # Group a million emails in memory, not on disk (this transaction only).
+        self.sql("SET LOCAL work_mem = '64MB'")
+        if not self.sql("SELECT pg_try_advisory_xact_lock(%s)", [LOCK_KEY])[0][0]:
+            raise CopyError(
+                "Another user sync is running on this database; wait for it to finish, "
+                "then run again (it will do only what is still to do)."
             )
+
+    def state_or_new_exist(self) -> bool:
+        m = self.models
+        return any(
+            model.objects.using(self.alias).exists() for model in (m.new, m.profile, m.state)
         )
+
+    def plan(self) -> int:
+        """Put every legacy row new or changed since the last sync in PLAN, with its action."""
+        m, pg = self.models, self.postgresql
+        joins, legacy_digest = self.digest(m.legacy, "l", correlated=False)
+        _, new_digest = self.digest(m.new, "n", correlated=True)
+        new_t, state_t = self.table(m.new), self.table(m.state)
+        self.sql(
+            f"CREATE TEMP TABLE {PLAN} (id bigint PRIMARY KEY, action varchar(10))"
+            + (" ON COMMIT DROP" if pg else "")
+        )
+        self.sql(
+            f"""INSERT INTO {PLAN} (id, action)
+            SELECT l.id, CASE
+                WHEN s.user_id IS NULL THEN CASE
+                    WHEN EXISTS (SELECT 1 FROM {new_t} n WHERE n.id = l.id) THEN 'id_taken'
+                    ELSE 'insert' END
+                WHEN NOT EXISTS (SELECT 1 FROM {new_t} n WHERE n.id = l.id) THEN 'gone'
+                WHEN (SELECT {new_digest} FROM {new_t} n WHERE n.id = l.id) <> s.new_digest
+                    THEN 'conflict'
+                ELSE 'update' END
+            FROM {self.table(m.legacy)} l
+            LEFT JOIN {state_t} s ON s.user_id = l.id
+            {joins}
+            WHERE s.user_id IS NULL OR {legacy_digest} <> s.legacy_digest"""
+        )
+        if pg:
+            self.sql(f"ANALYZE {PLAN}")
+        return self.sql(f"SELECT COUNT(*) FROM {PLAN}")[0][0]
+
+    def removed_users(self) -> list[tuple[int, str]]:
+        """Users the last sync saw that are no longer in the legacy table, with their action."""
+        m = self.models
+        _, new_digest = self.digest(m.new, "n", correlated=True)
+        new_t = self.table(m.new)
+        return self.sql(
+            f"""SELECT s.user_id, CASE
+                WHEN NOT EXISTS (SELECT 1 FROM {new_t} n WHERE n.id = s.user_id) THEN 'forget'
+                WHEN (SELECT {new_digest} FROM {new_t} n WHERE n.id = s.user_id) <> s.new_digest
+                    THEN 'conflict'
+                ELSE 'delete' END
+            FROM {self.table(m.state)} s
+            WHERE NOT EXISTS (SELECT 1 FROM {self.table(m.legacy)} l WHERE l.id = s.user_id)
+            ORDER BY s.user_id"""
+        )
+
+    def find_collisions(self):
+        """Rows rejected for what only the whole table shows; kept in `self.bad` by id.
+
+        Email keys are compared as LOWER(TRIM(email)), the way the new unique index compares
+        them, and only for ASCII emails (the rule rejects the others): there Python and the
+        database agree on case and on what a space is.
+        """
+        m, pg = self.models, self.postgresql
+        legacy_t, new_t = self.table(m.legacy), self.table(m.new)
+        email, username = self.column(m.legacy, "email"), self.column(m.legacy, "username")
+        new_email, new_username = self.column(m.new, "email"), self.column(m.new, "username")
+        ascii_only = (
+            f"octet_length(l.{email}) = char_length(l.{email})"
+            if pg
+            else f"length(CAST(l.{email} AS BLOB)) = length(l.{email})"
+        )
+        key = f"LOWER(TRIM(l.{email}))"
+        written = f"p.action IN ('insert', 'update') AND {ascii_only} AND {key} <> ''"
+        # An email key several rows would write at once (an update keeping its key is not new).
+        keeps_key = (
+            f"EXISTS (SELECT 1 FROM {new_t} n WHERE n.id = p.id AND LOWER(n.{new_email}) = {key})"
+        )
+        for pk, shared, n in self.sql(
+            f"""SELECT id, k, n FROM (
+                SELECT p.id, {key} AS k, COUNT(*) OVER (PARTITION BY {key}) AS n
+                FROM {PLAN} p JOIN {legacy_t} l ON l.id = p.id
+                WHERE {written} AND NOT {keeps_key}) shared
+            WHERE n > 1"""
+        ):
+            self.bad[pk] = (
+                "email_duplicate",
+                f"{n} legacy users share the email {shared!r} (any case); all of them are listed",
+            )
+        if not m.new.objects.using(self.alias).exists():
+            return
+        for pk, other in self.sql(
+            f"""SELECT p.id, MIN(n.id) FROM {PLAN} p JOIN {legacy_t} l ON l.id = p.id
+            JOIN {new_t} n ON LOWER(n.{new_email}) = {key} AND n.id <> p.id
+            WHERE {written} GROUP BY p.id"""
+        ):
+            self.bad.setdefault(pk, ("email_taken", f"email already used by new user {other}"))
+        for pk, other in self.sql(
+            f"""SELECT p.id, n.id FROM {PLAN} p JOIN {legacy_t} l ON l.id = p.id
+            JOIN {new_t} n ON n.{new_username} = l.{username} AND n.id <> p.id
+            WHERE p.action IN ('insert', 'update')"""
+        ):
+            self.bad.setdefault(pk, ("username_taken", f"username already used by new user {other}"))
+
+    def write_batches(self):
+        """Stream the planned rows in id order; normalise, then insert or update each batch."""
+        legacy = self.models.legacy.objects.using(self.alias)
+        last_id = 0
+        while batch := self.sql(
+            f"SELECT id, action FROM {PLAN} WHERE id > %s ORDER BY id LIMIT %s",
+            [last_id, self.batch_size],
+        ):
+            actions = dict(batch)
+            last_id = batch[-1][0]
+            in_batch = RawSQL(
+                f"SELECT id FROM {PLAN} WHERE id >= %s AND id <= %s", [batch[0][0], last_id]
+            )
+            rows = legacy.filter(pk__in=in_batch).order_by("pk").values_list(*FIELDS, named=True)
+            inserts, updates, conflicts = [], [], []
+            for row in rows:
+                action = actions[row.id]
+                if action == "conflict" or action == "gone":
+                    conflicts.append(row)
+                    continue
+                if action == "id_taken":
+                    self.reject(row.id, row.username, "id_taken",
+                                f"id {row.id} already belongs to a new user the copy did not make")  # fmt: skip
+                    continue
+                values = self.normalise(row)
+                if values is not None:
+                    (inserts if action == "insert" else updates).append(values)
+            self.report_conflicts(conflicts)
+            self.result.copied += len(inserts)
+            self.result.updated += len(updates)
+            if self.writing:
+                if inserts:
+                    insert_rows(self.models.new, INSERT_FIELDS,
+                                [(*v, self.stamp, self.stamp) for v in inserts], self.alias)  # fmt: skip
+                if updates:
+                    update_rows(self.models.new, UPDATE_FIELDS,
+                                [(*v, self.stamp) for v in updates], self.alias)  # fmt: skip
+                    self.delete_links([v[0] for v in updates])
+                if inserts or updates:
+                    self.copy_links({v[0] for v in inserts} | {v[0] for v in updates})
+            self.on_progress(len(batch))
+
+    def normalise(self, row) -> tuple | None:
+        """The new-schema values of a legacy row, in FIELDS order; None (reported) if rejected."""
+        try:
+            if row.id in self.bad:
+                raise Rejected(*self.bad[row.id])
+            check_username(row.username)
+            algorithm = check_password_hash(row.password)
+            email, email_change = normalize_email(row.email)
+            phone, phone_change = normalize_phone(row.phone_number)
+        except Rejected as rejected:
+            self.reject(row.id, row.username, rejected.reason, rejected.detail)
+            return None
+        self.result.passwords[algorithm] += 1
+        for change in (email_change, phone_change):
+            if change:
+                self.result.normalised[change] += 1
+        return (
+            row.id, row.password, row.last_login, row.is_superuser, row.username, email,
+            row.full_name, row.date_of_birth, phone, row.is_active, row.is_staff,
+        )  # fmt: skip
+
+    def report_conflicts(self, rows):
+        """Users changed on both sides: name the fields where the two sides now differ."""
+        if not rows:
+            return
+        ids = [row.id for row in rows]
+        new = {
+            r.id: r
+            for r in self.models.new.objects.using(self.alias)
+            .filter(pk__in=ids)
+            .values_list(*FIELDS, named=True)
+        }
+        legacy_links, new_links = self.link_sets(self.models.legacy, ids), self.link_sets(
+            self.models.new, ids
+        )
+        for row in rows:
+            other = new.get(row.id)
+            if other is None:
+                self.reject(row.id, row.username, "conflict",
+                            "changed in the legacy table, deleted on the new side")  # fmt: skip
+                continue
+            try:
+                values = dict(zip(FIELDS, self.normalise_quietly(row), strict=True))
+            except Rejected:
+                values = row._asdict()
+            fields = [n for n in FIELDS if values[n] != getattr(other, n)]
+            fields += [n for n in LINKS if legacy_links[n].get(row.id) != new_links[n].get(row.id)]
+            self.reject(row.id, row.username, "conflict",
+                        "changed on both sides since the last sync; fields that differ now: "
+                        + (", ".join(fields) or "none (the same change on both sides)"))  # fmt: skip
+
+    @staticmethod
+    def normalise_quietly(row) -> tuple:
+        email = normalize_email(row.email)[0]
+        phone = normalize_phone(row.phone_number)[0]
+        return (
+            row.id, row.password, row.last_login, row.is_superuser, row.username, email,
+            row.full_name, row.date_of_birth, phone, row.is_active, row.is_staff,
+        )  # fmt: skip
+
+    def link_sets(self, model, ids) -> dict[str, dict[int, set]]:
+        out = {}
+        for name in LINKS:
+            through, user_col, other_col = self.links(model, name)
+            sets: dict[int, set] = {}
+            for chunk in _chunks(ids, SMALL):
+                for user_id, other in (
+                    through.objects.using(self.alias)
+                    .filter(**{f"{user_col}__in": chunk})
+                    .values_list(user_col, other_col)
+                ):
+                    sets.setdefault(user_id, set()).add(other)
+            out[name] = sets
+        return out
+
+    def copy_links(self, ids: set[int]):
+        """Copy the groups and permissions of the users in `ids` (one batch) from the legacy side."""
+        lo, hi = min(ids), max(ids)
+        dense = hi - lo < 2 * len(ids)  # read the id range; else only these ids, in chunks
+        for name in LINKS:
+            src, src_user, src_other = self.links(self.models.legacy, name)
+            dst, dst_user, dst_other = self.links(self.models.new, name)
+            source = src.objects.using(self.alias).values_list(src_user, src_other)
+            found = (
+                source.filter(**{f"{src_user}__gte": lo, f"{src_user}__lte": hi})
+                if dense
+                else (
+                    pair
+                    for chunk in _chunks(sorted(ids), SMALL)
+                    for pair in source.filter(**{f"{src_user}__in": chunk})
+                )
+            )
+            links = [(user_id, other) for user_id, other in found if user_id in ids]
+            if links:
+                insert_rows(dst, (dst_user, dst_other), links, self.alias)
+            if name == "groups":
+                self.result.groups += len(links)
+            else:
+                self.result.permissions += len(links)
+
+    def delete_links(self, ids):
+        for name in LINKS:
+            through, user_col, _ = self.links(self.models.new, name)
+            for chunk in _chunks(ids, SMALL):
+                through.objects.using(self.alias).filter(**{f"{user_col}__in": chunk}).delete()
+
+    def delete_removed(self, removed):
+        """Delete on the new side the users deleted from the legacy table, when nothing is lost."""
+        m = self.models
+        to_delete = [pk for pk, action in removed if action == "delete"]
+        forget = [pk for pk, action in removed if action == "forget"]
+        usernames = {}
+        for chunk in _chunks([pk for pk, action in removed if action != "forget"], SMALL):
+            usernames.update(
+                m.new.objects.using(self.alias).filter(pk__in=chunk).values_list("pk", "username")
+            )
+        for pk, action in removed:
+            if action == "conflict":
+                self.reject(pk, usernames.get(pk, ""), "conflict",
+                            "deleted from the legacy table, changed on the new side")  # fmt: skip
+        in_use = self.users_in_use(to_delete)
+        for pk, tables in sorted(in_use.items()):
+            self.reject(pk, usernames.get(pk, ""), "deleted_but_in_use",
+                        f"deleted from the legacy table, but rows in {', '.join(tables)} "
+                        "point at the new user")  # fmt: skip
+        to_delete = [pk for pk in to_delete if pk not in in_use]
+        self.result.deleted = len(to_delete)
+        if not self.writing:
+            return
+        self.deleted_ids = to_delete
+        self.delete_links(to_delete)
+        for chunk in _chunks(to_delete + forget, SMALL):
+            m.profile.objects.using(self.alias).filter(user_id__in=chunk).delete()
+            m.state.objects.using(self.alias).filter(pk__in=chunk).delete()
+            m.new.objects.using(self.alias).filter(pk__in=chunk).delete()
+
+    def users_in_use(self, ids) -> dict[int, list[str]]:
+        """The users in `ids` that rows other than the copy's own (empty profile, links) name."""
+        if not ids:
+            return {}
+        m = self.models
+        own = {self.links(m.new, name)[0]._meta.db_table for name in LINKS}
+        own.add(m.profile._meta.db_table)
+        found: dict[int, list[str]] = {}
+        for table, column in referencing_columns(m.new._meta.db_table, self.alias):
+            if table in own:
+                continue
+            for chunk in _chunks(ids, SMALL):
+                marks = ", ".join(["%s"] * len(chunk))
+                for (pk,) in self.sql(
+                    f"SELECT DISTINCT {self.qn(column)} FROM {self.qn(table)} "
+                    f"WHERE {self.qn(column)} IN ({marks})",
+                    chunk,
+                ):
+                    found.setdefault(pk, []).append(table)
+        profiles = m.profile.objects.using(self.alias).exclude(bio="", avatar="")
+        for chunk in _chunks(ids, SMALL):
+            for pk in profiles.filter(user_id__in=chunk).values_list("user_id", flat=True):
+                found.setdefault(pk, []).append(f"{m.profile._meta.db_table} (filled in)")
+        return found
+
+    def create_profiles(self):
+        """One empty profile per user this sync inserted (they carry its stamp), in one statement."""
+        m = self.models
+        profile = m.profile._meta
+        columns = ", ".join(self.qn(profile.get_field(name).column) for name in PROFILE_WRITE)
+        joined = self.column(m.new, "joined_at")
+        self.sql(
+            f"INSERT INTO {self.qn(profile.db_table)} ({columns}) "
+            f"SELECT id, '', '', {joined} FROM {self.table(m.new)} WHERE {joined} = %s",
+            [self.at],
+        )
+
+    def advance_sequences(self):
+        """The next NewUser id is above every id the legacy table held, rejected rows included."""
+        m = self.models
+        links = [self.links(m.new, name)[0] for name in LINKS]
+        reset_sequences([m.profile, *links], self.alias)
+        floor = max(self.max_legacy_id, m.new.objects.using(self.alias).aggregate(x=Max("pk"))["x"] or 0)
+        table = m.new._meta.db_table
+        if self.postgresql:
+            (sequence,) = self.sql("SELECT pg_get_serial_sequence(%s, 'id')", [table])[0]
+            self.sql(
+                f"SELECT setval(%s, GREATEST(%s, (SELECT last_value FROM {sequence})))",
+                [sequence, floor],
+            )
+        elif self.connection.vendor == "sqlite":
+            # AUTOINCREMENT tables take the next id from sqlite_sequence.
+            self.sql("UPDATE sqlite_sequence SET seq = MAX(seq, %s) WHERE name = %s", [floor, table])
+            self.sql(
+                "INSERT INTO sqlite_sequence (name, seq) SELECT %s, %s "
+                "WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = %s)",
+                [table, floor, table],
+            )
+
+    def verify(self):
+        """Compare every row this sync wrote with its legacy row; raise (rolling back) on any
+        difference. Exact SQL equality for the fields copied as they are, and the rules of
+        `email_matches` and `phone_matches` (not the copy's own) in Python for the others."""
+        m, qn = self.models, self.qn
+        legacy_t, new_t, profile_t = self.table(m.legacy), self.table(m.new), self.table(m.profile)
+        this_run = f"n.{self.column(m.new, 'updated_at')} = %s"
+        joined = f"n.{self.column(m.new, 'joined_at')} = %s"
+        problems = []
+        written = self.result.copied + self.result.updated
+        (n_written,) = self.sql(f"SELECT COUNT(*) FROM {new_t} n WHERE {this_run}", [self.at])[0]
+        if n_written != written:
+            problems.append(f"{n_written} new users written, {written} expected")
+        (n_profiles,) = self.sql(
+            f"SELECT COUNT(*) FROM {profile_t} p JOIN {new_t} n ON n.id = p.user_id "
+            f"WHERE {joined}",
+            [self.at],
+        )[0]
+        if n_profiles != self.result.copied:
+            problems.append(f"{n_profiles} profiles for {self.result.copied} inserted users")
+        same = "IS NOT DISTINCT FROM" if self.postgresql else "IS"
+        exact = " AND ".join(
+            f"n.{self.column(m.new, f)} {same} l.{self.column(m.legacy, f)}"
+            for f in FIELDS
+            if f not in {"id", "email", "phone_number"}
+        )
+        differ = self.first_ids(
+            f"SELECT n.id FROM {new_t} n LEFT JOIN {legacy_t} l ON l.id = n.id "
+            f"WHERE {this_run} AND (l.id IS NULL OR NOT ({exact}))",
+            [self.at],
+        )
+        if differ:
+            problems.append(f"fields differ from the legacy row for new users {differ}")
+        for name in LINKS:
+            src, s_user, s_other = self.links(m.legacy, name)
+            dst, d_user, d_other = self.links(m.new, name)
+            src_t, dst_t = self.table(src), self.table(dst)
+            s_user, s_other, d_user, d_other = (qn(c) for c in (s_user, s_other, d_user, d_other))
+            missing = self.first_ids(
+                f"""SELECT n.id FROM {src_t} s JOIN {new_t} n ON n.id = s.{s_user}
+                WHERE {this_run} AND NOT EXISTS (SELECT 1 FROM {dst_t} d
+                    WHERE d.{d_user} = s.{s_user} AND d.{d_other} = s.{s_other})""",
+                [self.at],
+            )
+            extra = self.first_ids(
+                f"""SELECT n.id FROM {dst_t} d JOIN {new_t} n ON n.id = d.{d_user}
+                WHERE {this_run} AND NOT EXISTS (SELECT 1 FROM {src_t} s
+                    WHERE s.{s_user} = d.{d_user} AND s.{s_other} = d.{d_other})""",
+                [self.at],
+            )
+            if missing or extra:
+                problems.append(f"{name} differ for new users {sorted(set(missing + extra))[:5]}")
+        problems += self.verify_emails_and_phones()
+        for chunk in _chunks(self.deleted_ids, SMALL):
+            if left := list(m.new.objects.using(self.alias).filter(pk__in=chunk)[:5]):
+                problems.append(f"deleted users still on the new side: {[u.pk for u in left]}")
+                break
+        if problems:
+            raise CopyError(
+                "Verification failed, the sync was rolled back and nothing was written: "
+                + "; ".join(problems)
+            )
+
+    def first_ids(self, sql, params) -> list[int]:
+        return [r[0] for r in self.sql(sql + " ORDER BY n.id LIMIT 5", params)]
+
+    def verify_emails_and_phones(self) -> list[str]:
+        """Stream the written rows (a server-side cursor on PostgreSQL: memory stays flat)."""
+        m = self.models
+        email_n, email_l = self.column(m.new, "email"), self.column(m.legacy, "email")
+        phone_n, phone_l = self.column(m.new, "phone_number"), self.column(m.legacy, "phone_number")
+        bad_emails, bad_phones = [], []
+        with self.connection.chunked_cursor() as cursor:
+            cursor.execute(
+                f"SELECT n.id, n.{email_n}, l.{email_l}, n.{phone_n}, l.{phone_l} "
+                f"FROM {self.table(m.new)} n JOIN {self.table(m.legacy)} l ON l.id = n.id "
+                f"WHERE n.{self.column(m.new, 'updated_at')} = %s",
+                [self.at],
+            )
+            while rows := cursor.fetchmany(20_000):
+                for pk, email, old_email, phone, old_phone in rows:
+                    if len(bad_emails) < 5 and not email_matches(old_email, email):
+                        bad_emails.append(pk)
+                    if len(bad_phones) < 5 and not phone_matches(old_phone, phone):
+                        bad_phones.append(pk)
+        return [
+            f"{what} differ for new users {sorted(ids)}"
+            for what, ids in (("emails", bad_emails), ("phone numbers", bad_phones))
+            if ids
+        ]
+
+    def record(self):
+        """Write the digests of every user this sync wrote: the next sync compares with them."""
+        m = self.models
+        legacy_joins, legacy_digest = self.digest(m.legacy, "l", correlated=False)
+        new_joins, new_digest = self.digest(m.new, "n", correlated=False)
+        state_t, new_t = self.table(m.state), self.table(m.new)
+        this_run = f"n.{self.column(m.new, 'updated_at')} = %s"
+        self.sql(
+            f"DELETE FROM {state_t} WHERE user_id IN (SELECT n.id FROM {new_t} n WHERE {this_run})",
+            [self.at],
+        )
+        self.sql(
+            f"""INSERT INTO {state_t} (user_id, legacy_digest, new_digest, synced_at)
+            SELECT n.id, {legacy_digest}, {new_digest}, %s
+            FROM {new_t} n JOIN {self.table(m.legacy)} l ON l.id = n.id
+            {legacy_joins} {new_joins}
+            WHERE {this_run}""",
+            [self.at, self.at],
+        )
+
+    def log(self, *, ok, message):
+        """Record the run for the status page when it wrote something or failed (not dry runs).
+
+        A failure is recorded after its transaction (or, inside a caller's transaction, its
+        savepoint) was rolled back, so the record is not rolled back with it.
+        """
+        if self.models.log is None or self.dry_run or (ok and not self.result.written):
+            return
+        try:
+            self.models.log.objects.using(self.alias).create(
+                kind="copy",
+                ok=ok,
+                started_at=self.started_at,
+                summary=self.result.summary(),
+                message=message,
+            )
+        except DatabaseError:
+            if ok:
+                raise
+            # The database itself failed (down, say): the error message is what is left.
+
+
+def _chunks(items, size):
+    items = iter(items)
+    while chunk := list(islice(items, size)):
+        yield chunk
+
+
+def referencing_columns(table, alias) -> list[tuple[str, str]]:
+    """Every (table, column) with a foreign key to `table`, from the database's own catalog."""
+    connection = connections[alias]
+    found = []
+    with connection.cursor() as cursor:
+        for other in connection.introspection.table_names(cursor):
+            for column, (_, ref_table) in connection.introspection.get_relations(
+                cursor, other
+            ).items():
+                if ref_table == table:
+                    found.append((other, column))
+    return sorted(found)
+
+
+def mark_in_sync(models: CopyModels, *, alias: str = "default") -> int:
+    """Record both sides as synced as they are now (after a rollback made them equal)."""
+    sync = Sync(models, alias, False, False, 0, None, None)
+    m = models
+    legacy_joins, legacy_digest = sync.digest(m.legacy, "l", correlated=False)
+    new_joins, new_digest = sync.digest(m.new, "n", correlated=False)
+    with transaction.atomic(using=alias):
+        sync.sql(f"DELETE FROM {sync.table(m.state)}")
+        sync.sql(
+            f"""INSERT INTO {sync.table(m.state)} (user_id, legacy_digest, new_digest, synced_at)
+            SELECT n.id, {legacy_digest}, {new_digest}, %s
+            FROM {sync.table(m.new)} n JOIN {sync.table(m.legacy)} l ON l.id = n.id
+            {legacy_joins} {new_joins}""",
+            [sync.at],
+        )
+        return m.state.objects.using(alias).count()
 
 
 def uncopy_users(models: CopyModels, *, alias: str = "default") -> int:
-    """Undo the copy: delete the new users, profiles and links; refuse if anything else is there.
+    """Undo the copy: delete the new users, profiles, links and sync state; refuse if anything
+    on the new side differs from what the sync wrote.
 
-    Rows in any other table that points at NewUser (addresses, activity, notifications, the
-    admin log, ...) and new users the copy did not make or that changed since mean the new
-    schema is in use: deleting them would lose data, so nothing is deleted.
+    A new user without sync state (a signup), one whose digest differs from the one the last
+    sync recorded (any write: save, update(), update_fields, links), a filled-in profile, or a
+    row in any other table pointing at NewUser (addresses, the admin log, ...) means the new
+    schema is in use: deleting it would lose data, so nothing is deleted.
     """
-    connection = connections[alias]
-    qn = connection.ops.quote_name
-    legacy = models.legacy.objects.using(alias)
-    new = models.new.objects.using(alias)
-    copy_tables = [
-        _through(models.new, "groups")[0]._meta.db_table,
-        _through(models.new, "user_permissions")[0]._meta.db_table,
-        models.profile._meta.db_table,
-    ]
-    new_table = models.new._meta.db_table
-    others = [t for t in _tables_referencing(new_table, alias) if t not in copy_tables]
-    with transaction.atomic(using=alias), connection.cursor() as cursor:
-        if connection.vendor == "postgresql":
+    sync = Sync(models, alias, False, False, 0, None, None)
+    m, qn = models, sync.qn
+    own = [sync.links(m.new, name)[0]._meta.db_table for name in LINKS]
+    own.append(m.profile._meta.db_table)
+    new_table = m.new._meta.db_table
+    others = sorted({t for t, _ in referencing_columns(new_table, alias)} - set(own))
+    _, new_digest = sync.digest(m.new, "n", correlated=True)
+    new_t, state_t = sync.table(m.new), sync.table(m.state)
+    with transaction.atomic(using=alias):
+        if sync.postgresql:
             # Nobody writes to these tables between the checks and the delete.
-            tables = ", ".join(qn(t) for t in [new_table, *copy_tables, *others])
-            cursor.execute(f"LOCK TABLE {tables} IN ACCESS EXCLUSIVE MODE")
+            tables = ", ".join(qn(t) for t in [new_table, *own, *others, m.state._meta.db_table])
+            sync.sql(f"LOCK TABLE {tables} IN ACCESS EXCLUSIVE MODE")
         reasons = []
-        not_copied = new.exclude(
-            Exists(legacy.filter(pk=OuterRef("pk"), username=OuterRef("username")))
-        )
-        if n := not_copied.count():
-            ids = list(not_copied.order_by("pk").values_list("pk", flat=True)[:5])
-            reasons.append(f"{n} new users were not copied from the legacy table (ids {ids})")
-        if n := new.exclude(updated_at=F("joined_at")).count():
-            reasons.append(f"{n} copied users were changed after the copy")
-        if n := models.profile.objects.using(alias).exclude(bio="", avatar="").count():
+        for what, sql in (
+            (
+                "new users were not made by the copy (signups)",
+                f"SELECT n.id FROM {new_t} n WHERE NOT EXISTS "
+                f"(SELECT 1 FROM {state_t} s WHERE s.user_id = n.id)",
+            ),
+            (
+                "copied users were changed on the new side since the last sync",
+                f"SELECT n.id FROM {new_t} n JOIN {state_t} s ON s.user_id = n.id "
+                f"WHERE {new_digest} <> s.new_digest",
+            ),
+        ):
+            ids = [r[0] for r in sync.sql(sql + " ORDER BY n.id")]
+            if ids:
+                reasons.append(f"{len(ids)} {what} (ids {ids[:5]})")
+        if n := m.profile.objects.using(alias).exclude(bio="", avatar="").count():
             reasons.append(f"{n} profiles were filled in after the copy")
         for table in others:
-            cursor.execute(f"SELECT COUNT(*) FROM {qn(table)}")
-            if n := cursor.fetchone()[0]:
+            if n := sync.sql(f"SELECT COUNT(*) FROM {qn(table)}")[0][0]:
                 reasons.append(f"{n} rows in {table}")
         if reasons:
             raise CopyError(
                 "Refusing to undo the user copy: the new tables hold data the copy did not "
-                f"create ({'; '.join(reasons)}). Going back would delete it. To go back anyway, "
-                "take a backup first (make backup), delete those rows yourself, then run "
-                "`python manage.py migrate account 0001` again."
+                f"write ({'; '.join(reasons)}). Going back would delete it. To go back anyway, "
+                "take a backup first (make backup), delete or undo those changes yourself, "
+                "then run `python manage.py migrate account 0001` again."
             )
-        deleted = new.count()
-        if connection.vendor == "postgresql":
+        deleted = m.new.objects.using(alias).count()
+        if sync.postgresql:
             # TRUNCATE skips a million foreign key checks; the other tables are empty (checked).
-            cursor.execute(f"TRUNCATE {tables}")
+            sync.sql(f"TRUNCATE {tables}")
         else:
-            for table in [*copy_tables, new_table]:
-                cursor.execute(f"DELETE FROM {qn(table)}")
+            for table in [*own, new_table, m.state._meta.db_table]:
+                sync.sql(f"DELETE FROM {qn(table)}")
     return deleted

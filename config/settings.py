@@ -106,13 +106,21 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_USER_MODEL = "account.NewUser"
 
-# Keep every hasher that legacy password hashes may use, or those users can no longer log in.
+# Every hasher a legacy Django project's hashes may use, or those users can no longer log in
+# (argon2 and bcrypt need Django's `argon2` and `bcrypt` extras, in requirements.txt). The first
+# one hashes new passwords; the weak legacy ones come last, so a login upgrades the hash.
+# The pre-flight rejects a hash no hasher here recognises (`password_unknown_hasher`).
 PASSWORD_HASHERS = [
     "django.contrib.auth.hashers.PBKDF2PasswordHasher",
     "django.contrib.auth.hashers.PBKDF2SHA1PasswordHasher",
     "django.contrib.auth.hashers.Argon2PasswordHasher",
     "django.contrib.auth.hashers.BCryptSHA256PasswordHasher",
+    "django.contrib.auth.hashers.BCryptPasswordHasher",
     "django.contrib.auth.hashers.ScryptPasswordHasher",
+    "django.contrib.auth.hashers.MD5PasswordHasher",
+    "account.hashers.SHA1PasswordHasher",
+    "account.hashers.UnsaltedSHA1PasswordHasher",
+    "account.hashers.UnsaltedMD5PasswordHasher",
 ]
 
 AUTH_PASSWORD_VALIDATORS = [

@@ -110,6 +110,18 @@ class Migration(migrations.Migration):
             ],
         ),
         migrations.CreateModel(
+            name='SyncState',
+            fields=[
+                ('user_id', models.BigIntegerField(help_text='The same id on both sides: the legacy user and its copy.', primary_key=True, serialize=False)),
+                ('legacy_digest', models.UUIDField(help_text='MD5 of the legacy row and its links when synced.')),
+                ('new_digest', models.UUIDField(help_text='MD5 of the new row and its links as the sync left it.')),
+                ('synced_at', models.DateTimeField()),
+            ],
+            options={
+                'verbose_name': 'sync state',
+            },
+        ),
+        migrations.CreateModel(
             name='User',
             fields=[
                 ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),

@@ -17,7 +17,7 @@ from django.test.utils import CaptureQueriesContext
 from account import dbutil, usercopy
 from account.dbutil import insert_rows
 from account.fakedata import COLUMNS, FakeUsers
-from account.models import Address, NewUser, OperationLog, Profile, User
+from account.models import Address, NewUser, OperationLog, Profile, SyncState, User
 
 from .conftest import ROOT, make_legacy, subprocess_env
 
@@ -28,7 +28,7 @@ EXPECTED_REJECTIONS = {
     "case_b": "email_duplicate",
     "empty": "email_empty",
     "malformed": "email_invalid",
-    "garbage_phone": "phone_unparseable",
+    "garbage_phone": "phone_letters",
     "short_phone": "phone_invalid",
     "indian_phone": "phone_invalid",
     "bad_username": "username_invalid",
@@ -65,7 +65,7 @@ def snapshot():
 
 @pytest.mark.django_db
 def test_default_policy_writes_nothing_and_reports_every_bad_row(run, dirty_legacy):
-    with pytest.raises(CommandError, match="10 legacy users cannot be copied") as info:
+    with pytest.raises(CommandError, match="10 legacy users cannot be synced") as info:
         run("copy_users")
     assert "nothing was written" in str(info.value)
     assert "USER_COPY_SKIP_INVALID=on" in str(info.value)
@@ -75,14 +75,16 @@ def test_default_policy_writes_nothing_and_reports_every_bad_row(run, dirty_lega
         rows = {int(r["legacy_id"]): r for r in csv.DictReader(f)}
     expected = {dirty_legacy["bad"][k].pk: reason for k, reason in EXPECTED_REJECTIONS.items()}
     assert {pk: r["reason"] for pk, r in rows.items()} == expected
-    # Every account of a duplicate group is named.
-    dup = rows[dirty_legacy["bad"]["dup_a"].pk]["detail"]
-    assert str(dirty_legacy["bad"]["dup_b"].pk) in dup
+    # Every account of a shared-email group has its line, naming the key and the group's size.
+    for key in ("dup_a", "dup_b"):
+        assert "2 legacy users share the email 'same@example.com'" in rows[
+            dirty_legacy["bad"][key].pk
+        ]["detail"]
 
 
 @pytest.mark.django_db
 def test_preflight_lists_the_same_rows_and_writes_nothing(run, dirty_legacy):
-    with pytest.raises(CommandError, match="10 legacy users cannot be copied") as info:
+    with pytest.raises(CommandError, match="10 legacy users cannot be synced") as info:
         run("check_user_migration")
     assert NewUser.objects.count() == 0
     assert not OperationLog.objects.filter(kind="copy").exists()
@@ -97,7 +99,7 @@ def test_preflight_with_skip_invalid_summarises_by_reason(run, dirty_legacy):
     assert "rejected, email_duplicate: 4" in out
     assert "rejected, phone_invalid: 2" in out
     assert "normalised, phone_reformatted: 4" in out
-    assert "would copy 37" in out
+    assert "would insert 37" in out
     assert NewUser.objects.count() == 0
 
 
@@ -180,7 +182,7 @@ def test_resync_copies_fixed_rows_and_a_second_run_changes_nothing(run, dirty_le
 @pytest.mark.django_db
 def test_nothing_to_copy_says_so(run):
     out, _ = run("copy_users")
-    assert "Nothing to copy" in out
+    assert "Nothing to do" in out
 
 
 @pytest.mark.django_db
@@ -268,7 +270,7 @@ def test_reverse_with_a_signup_after_the_copy_refuses_and_changes_nothing(
     finally:
         run("migrate", "account")  # no-op when the reverse refused
     message = str(info.value)
-    assert "1 new users were not copied" in message and "account_address" in message
+    assert "1 new users were not made by the copy" in message and "account_address" in message
     assert "make backup" in message
     assert snapshot() == before
     assert "[X] 0002" in run("showmigrations", "account")[0]
@@ -306,7 +308,7 @@ def test_copy_killed_with_sigkill_leaves_nothing_and_the_next_run_succeeds():
     for _ in range(50):
         rerun = _copy_process()
         out, err = rerun.communicate(timeout=120)
-        if "Another user copy is running" not in out + err:
+        if "Another user sync is running" not in out + err:
             break
         time.sleep(0.2)
     assert rerun.returncode == 0, out + err
@@ -322,8 +324,8 @@ def test_two_copies_at_once_do_the_work_once():
     outputs = [out + err for out, err in results]
     for proc, output in zip((first, second), outputs, strict=True):
         assert "Traceback" not in output, output
-        assert proc.returncode == 0 or "Another user copy is running" in output, output
-    assert sum("Copied 20000 users" in o for o in outputs) == 1, outputs
+        assert proc.returncode == 0 or "Another user sync is running" in output, output
+    assert sum("Inserted 20000" in o for o in outputs) == 1, outputs
     assert NewUser.objects.count() == 20_000 == Profile.objects.count()
 
 
@@ -348,7 +350,7 @@ def test_a_copy_while_another_holds_the_lock_refuses_clearly(run):
     thread.start()
     try:
         assert holding.wait(10)
-        with pytest.raises(CommandError, match="Another user copy is running"):
+        with pytest.raises(CommandError, match="Another user sync is running"):
             run("copy_users")
     finally:
         release.set()
@@ -369,9 +371,9 @@ def test_bad_batch_size_is_refused_and_nothing_is_written(run, dirty_legacy, com
 @pytest.mark.django_db
 def test_a_unique_key_the_checks_missed_stops_the_copy_in_one_line(run, monkeypatch):
     # As if another process had written a duplicate after the checks ran.
-    monkeypatch.setattr(usercopy, "_known_bad_rows", lambda *args: {})
+    monkeypatch.setattr(usercopy.Sync, "find_collisions", lambda self: None)
     make_legacy("first", "same@example.com")
     make_legacy("second", "SAME@example.com")
-    with pytest.raises(CommandError, match="The database refused the copy.*run the copy again"):
+    with pytest.raises(CommandError, match="The database refused the sync.*run it again"):
         run("copy_users")
     assert NewUser.objects.count() == 0

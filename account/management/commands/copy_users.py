@@ -1,19 +1,21 @@
-"""Copy legacy users into NewUser + Profile: the re-sync behind `make migrate-data`."""
+"""Bring NewUser in line with the legacy table: the re-sync behind `make migrate-data`."""
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from account.dbutil import table_exists
-from account.models import NewUser, OperationLog, Profile, User
+from account.models import NewUser, OperationLog, Profile, SyncState, User
 from account.progress import progress
-from account.usercopy import CopyModels, copy_users
+from account.usercopy import CopyError, CopyModels, copy_users
 
 
 class Command(BaseCommand):
     help = (
-        "Copy every legacy user not yet in NewUser (new since the last copy, or fixed after a "
-        "rejection) into NewUser + Profile, in one transaction, verified field by field. "
-        "Migration 0002 does the first copy; this command repeats it safely."
+        "Sync NewUser with the legacy user table: insert legacy users not copied yet, carry "
+        "every change made in the legacy table since the last sync (fields, groups, "
+        "permissions, renames, deletions) and report users changed on both sides. One "
+        "transaction, verified field by field. Migration 0002 does the first copy; this "
+        "command repeats it safely, as often as needed until the cut-over."
     )
     dry_run_default = False
 
@@ -22,9 +24,9 @@ class Command(BaseCommand):
             "--skip-invalid",
             action="store_true",
             default=settings.USER_COPY_SKIP_INVALID,
-            help="Copy every valid row and leave the rejected ones in the legacy table, listed "
-            "in the report. Default: one rejected row stops the copy and nothing is written "
-            "(or USER_COPY_SKIP_INVALID from the environment).",
+            help="Write every valid row and leave the rejected ones (and conflicts) as they "
+            "are, listed in the report. Default: one rejected row stops the sync and nothing "
+            "is written (or USER_COPY_SKIP_INVALID from the environment).",
         )
         parser.add_argument(
             "--batch-size",
@@ -43,11 +45,11 @@ class Command(BaseCommand):
         dry_run = options.get("dry_run", self.dry_run_default)
         if batch_size <= 0:
             raise CommandError("--batch-size must be greater than 0")
-        if not table_exists(User) or not table_exists(NewUser):
+        if not all(table_exists(model) for model in (User, NewUser, SyncState)):
             raise CommandError(
                 "The account tables do not exist: run `python manage.py migrate` first."
             )
-        bar = progress(None, "check" if dry_run else "copy", verbosity=verbosity, unit="users")
+        bar = progress(None, "check" if dry_run else "sync", verbosity=verbosity, unit="users")
 
         def advance(n):
             bar.update(n)
@@ -57,7 +59,9 @@ class Command(BaseCommand):
 
         try:
             result = copy_users(
-                CopyModels(legacy=User, new=NewUser, profile=Profile, log=OperationLog),
+                CopyModels(
+                    legacy=User, new=NewUser, profile=Profile, state=SyncState, log=OperationLog
+                ),
                 skip_invalid=skip_invalid,
                 dry_run=dry_run,
                 batch_size=batch_size,
@@ -65,24 +69,34 @@ class Command(BaseCommand):
                 on_start=lambda total: setattr(bar, "total", total),
                 on_progress=advance,
             )
+        except CopyError as exc:
+            raise CommandError(str(exc)) from exc
         finally:
             bar.close()
         self.report(result, skip_invalid, verbosity)
 
     def report(self, result, skip_invalid, verbosity):
-        if verbosity > 0:
-            for line in result.lines():
-                self.stdout.write(line)
+        if verbosity < 1:
+            return
         if not result.pending:
             self.stdout.write(
-                self.style.SUCCESS("Nothing to copy: every legacy user is in NewUser.")
-            )
-        elif result.rejected_total and skip_invalid:
-            self.stdout.write(
-                self.style.WARNING(
-                    f"Copied {result.copied}; {result.rejected_total} rejected rows stay in the "
-                    f"legacy table, listed in {result.report}."
+                self.style.SUCCESS(
+                    f"Nothing to do: NewUser mirrors the {result.legacy_total} legacy users."
                 )
             )
-        elif not result.dry_run:
-            self.stdout.write(self.style.SUCCESS(f"Copied {result.copied} users, verified."))
+            return
+        for line in result.lines():
+            self.stdout.write(line)
+        done = (
+            f"Inserted {result.copied}, updated {result.updated}, deleted {result.deleted} "
+            "users, verified"
+        )
+        if result.rejected_total:
+            self.stdout.write(
+                self.style.WARNING(
+                    f"{done}; {result.rejected_total} rejected rows stay as they are, listed "
+                    f"in {result.report}."
+                )
+            )
+        else:
+            self.stdout.write(self.style.SUCCESS(f"{done}."))
