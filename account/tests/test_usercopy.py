@@ -226,6 +226,7 @@ def test_queries_do_not_grow_with_the_number_of_users(run):
     def queries_for(n):
         User.objects.all().delete()
         NewUser.objects.all().delete()
+        SyncState.objects.all().delete()
         cols = COLUMNS
         insert_rows(User, cols, FakeUsers(seed=n).batch(1 + n * 10, n))
         with CaptureQueriesContext(connection) as ctx:
