@@ -135,6 +135,9 @@ class CopyResult:
     def conflicts(self) -> int:
         return self.rejected["conflict"]
 
+    def reasons(self) -> str:
+        return ", ".join(f"{reason}: {n}" for reason, n in sorted(self.rejected.items()))
+
     @property
     def written(self) -> int:
         return self.copied + self.updated + self.deleted
@@ -255,9 +258,8 @@ def database_error_line(exc) -> str:
 
 
 def _refusal(result: CopyResult) -> str:
-    reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(result.rejected.items()))
     return (
-        f"{result.rejected_total} legacy users cannot be synced as they are ({reasons}); "
+        f"{result.rejected_total} legacy users cannot be synced as they are ({result.reasons()}); "
         f"nothing was written. Every row is listed in {result.report}. Either fix those rows "
         "and run again, or write the valid rows and leave these behind with "
         "USER_COPY_SKIP_INVALID=on (make migrate-data SKIP_INVALID=1)."

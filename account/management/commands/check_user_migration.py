@@ -25,8 +25,8 @@ class Command(CopyCommand):
                 self.stdout.write(line)
         if refuses:
             raise CommandError(
-                f"{result.rejected_total} legacy users cannot be synced as they are; the sync "
-                f"would write nothing. See {result.report}. Fix those rows, or write the valid "
+                f"{result.rejected_total} legacy users cannot be synced as they are "
+                f"({result.reasons()}); the sync would write nothing. See {result.report}. Fix those rows, or write the valid "
                 "rows and leave these behind with USER_COPY_SKIP_INVALID=on "
                 "(make migrate-data SKIP_INVALID=1)."
             )

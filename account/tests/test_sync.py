@@ -1,0 +1,284 @@
+"""The sync: one test per case of the README's table, plus sequences, collisions and failures."""
+
+import csv
+from datetime import UTC, datetime
+
+import pytest
+from django.contrib.auth import authenticate
+from django.contrib.auth.hashers import make_password
+from django.contrib.auth.models import Group, Permission
+from django.contrib.admin.models import LogEntry
+from django.core.management.base import CommandError
+from django.db import connection
+
+from account import usercopy
+from account.models import Address, NewUser, OperationLog, Profile, SyncState, User
+
+from .conftest import make_legacy
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def synced(run):
+    """Two legacy users copied by a first sync; returns them (legacy rows)."""
+    alice = make_legacy("alice", "alice@example.com", password=make_password("old-pass"))
+    bob = make_legacy("bob", "bob@example.com", phone="9851234567")
+    run("copy_users")
+    assert NewUser.objects.count() == 2
+    return alice, bob
+
+
+def report_of(message_or_out: str) -> dict[int, dict]:
+    path = message_or_out.split("listed in ", 1)[1].split(".csv", 1)[0] + ".csv"
+    with open(path, newline="") as f:
+        return {int(r["legacy_id"]): r for r in csv.DictReader(f)}
+
+
+def test_a_password_changed_in_the_legacy_table_is_carried(run, synced):
+    alice, _ = synced
+    alice.set_password("new-pass")
+    alice.save()
+    run("copy_users")
+    assert authenticate(username="alice", password="new-pass").pk == alice.pk
+    assert authenticate(username="alice", password="old-pass") is None
+
+
+def test_a_ban_and_a_demotion_are_carried(run):
+    admin = make_legacy("admin", "admin@example.com", is_staff=True, is_superuser=True)
+    user = make_legacy("user", "user@example.com")
+    run("copy_users")
+    User.objects.filter(pk=admin.pk).update(is_staff=False, is_superuser=False)
+    User.objects.filter(pk=user.pk).update(is_active=False)
+    run("copy_users")
+    new_admin = NewUser.objects.get(pk=admin.pk)
+    assert (new_admin.is_staff, new_admin.is_superuser) == (False, False)
+    assert NewUser.objects.get(pk=user.pk).is_active is False
+
+
+def test_email_phone_name_last_login_and_rename_are_carried(run, synced):
+    alice, _ = synced
+    login = datetime(2025, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    User.objects.filter(pk=alice.pk).update(
+        username="alice2", email="Alice@NEW.example.com", phone_number="985-123-4567",
+        full_name="Alice Two", last_login=login,
+    )  # fmt: skip
+    run("copy_users")
+    new = NewUser.objects.get(pk=alice.pk)
+    assert (new.username, new.email, str(new.phone_number), new.full_name, new.last_login) == (
+        "alice2", "Alice@new.example.com", "+9779851234567", "Alice Two", login,
+    )  # fmt: skip
+
+
+def test_groups_and_permissions_changed_in_the_legacy_table_are_carried(run, synced):
+    alice, bob = synced
+    editors = Group.objects.create(name="editors")
+    perm = Permission.objects.get(codename="view_address")
+    alice.groups.add(editors)
+    bob.user_permissions.add(perm)
+    run("copy_users")
+    assert list(NewUser.objects.get(pk=alice.pk).groups.all()) == [editors]
+    assert list(NewUser.objects.get(pk=bob.pk).user_permissions.all()) == [perm]
+    alice.groups.remove(editors)
+    run("copy_users")
+    assert not NewUser.objects.get(pk=alice.pk).groups.exists()
+
+
+def test_a_user_deleted_in_the_legacy_table_is_deleted_on_the_new_side(run, synced):
+    alice, bob = synced
+    User.objects.filter(pk=bob.pk).delete()
+    out, _ = run("copy_users")
+    assert "delete 1" in out
+    assert not NewUser.objects.filter(pk=bob.pk).exists()
+    assert not Profile.objects.filter(user_id=bob.pk).exists()
+    assert not SyncState.objects.filter(pk=bob.pk).exists()
+    assert NewUser.objects.filter(pk=alice.pk).exists()
+
+
+def test_a_deleted_user_that_rows_point_at_is_refused_and_named(run, synced):
+    _, bob = synced
+    Address.objects.create(user_id=bob.pk, street_address="Durbar Marg 1", city="Kathmandu")
+    User.objects.filter(pk=bob.pk).delete()
+    with pytest.raises(CommandError, match="deleted_but_in_use: 1") as info:
+        run("copy_users")
+    assert "account_address" in report_of(str(info.value))[bob.pk]["detail"]
+    assert NewUser.objects.filter(pk=bob.pk).exists()
+    out, _ = run("copy_users", "--skip-invalid")  # leaves it and reports it
+    assert "rejected, deleted_but_in_use: 1" in out
+    assert NewUser.objects.filter(pk=bob.pk).exists()
+
+
+def test_a_deleted_user_with_a_filled_in_profile_is_refused(run, synced):
+    _, bob = synced
+    Profile.objects.filter(user_id=bob.pk).update(bio="Hello")
+    User.objects.filter(pk=bob.pk).delete()
+    with pytest.raises(CommandError, match="deleted_but_in_use: 1"):
+        run("copy_users")
+
+
+@pytest.mark.parametrize("how", ["save", "update", "update_fields", "link"])
+def test_a_change_on_the_new_side_alone_is_kept(run, synced, how):
+    alice, _ = synced
+    new = NewUser.objects.get(pk=alice.pk)
+    if how == "save":
+        new.full_name = "Changed On New"
+        new.save()
+    elif how == "update":
+        NewUser.objects.filter(pk=alice.pk).update(full_name="Changed On New")
+    elif how == "update_fields":
+        new.full_name = "Changed On New"
+        new.save(update_fields=["full_name"])
+    else:
+        new.groups.add(Group.objects.create(name="new-side"))
+    out, _ = run("copy_users")
+    assert "Nothing to do" in out
+    new.refresh_from_db()
+    assert new.full_name == "Changed On New" or new.groups.filter(name="new-side").exists()
+
+
+@pytest.mark.parametrize("how", ["save", "update", "update_fields", "link", "hash_upgrade"])
+def test_a_change_on_both_sides_is_a_conflict_named_by_id_and_field(run, synced, how, settings):
+    alice, bob = synced
+    new = NewUser.objects.get(pk=alice.pk)
+    if how == "save":
+        new.full_name = "New Side"
+        new.save()
+    elif how == "update":
+        NewUser.objects.filter(pk=alice.pk).update(full_name="New Side")
+    elif how == "update_fields":
+        new.full_name = "New Side"
+        new.save(update_fields=["full_name"])
+    elif how == "link":
+        new.groups.add(Group.objects.create(name="new-side"))
+    else:
+        # A login on the new side under a stronger first hasher re-hashes the password.
+        settings.PASSWORD_HASHERS = [
+            "django.contrib.auth.hashers.PBKDF2PasswordHasher",
+            "django.contrib.auth.hashers.MD5PasswordHasher",
+        ]
+        assert authenticate(username="alice", password="old-pass").pk == alice.pk
+        assert NewUser.objects.get(pk=alice.pk).password.startswith("pbkdf2_sha256$")
+    User.objects.filter(pk=alice.pk).update(full_name="Legacy Side")
+    User.objects.filter(pk=bob.pk).update(full_name="Bob Changed")
+    before = NewUser.objects.get(pk=alice.pk).__dict__.copy()
+    with pytest.raises(CommandError, match="conflict: 1") as info:
+        run("copy_users")
+    line = report_of(str(info.value))[alice.pk]
+    assert line["reason"] == "conflict"
+    assert "full_name" in line["detail"] or how in {"link", "hash_upgrade"}
+    assert NewUser.objects.get(pk=bob.pk).full_name == "Bob"  # nothing written
+    out, _ = run("copy_users", "--skip-invalid")
+    assert "rejected, conflict: 1" in out
+    after = NewUser.objects.get(pk=alice.pk).__dict__
+    assert {k: after[k] for k in ("full_name", "password")} == {
+        k: before[k] for k in ("full_name", "password")
+    }
+    assert NewUser.objects.get(pk=bob.pk).full_name == "Bob Changed"
+
+
+def test_signups_are_never_touched_and_their_id_or_username_is_rejected(run, synced):
+    signup = NewUser.objects.create_user("carol", "carol@example.com", "pw")
+    clash_id = make_legacy("dave", "dave@example.com", id=signup.pk)
+    clash_name = make_legacy("carol", "carol.legacy@example.com", id=signup.pk + 100)
+    with pytest.raises(CommandError, match="id_taken: 1, username_taken: 1"):
+        run("check_user_migration")
+    out, _ = run("copy_users", "--skip-invalid")
+    assert NewUser.objects.get(pk=signup.pk).username == "carol"
+    assert not NewUser.objects.filter(pk=clash_name.pk).exists()
+    assert not SyncState.objects.filter(pk__in=[signup.pk, clash_id.pk]).exists()
+
+
+def test_next_signup_id_is_above_every_legacy_id_even_rejected_ones(run):
+    make_legacy("good", "good@example.com", id=10)
+    make_legacy("bad", "not-an-email", id=500)
+    run("copy_users", "--skip-invalid")
+    assert NewUser.objects.create_user("signup", "signup@example.com", "pw").pk > 500
+
+
+def test_next_signup_id_is_above_legacy_ids_when_every_row_was_rejected(run):
+    make_legacy("bad", "not-an-email", id=700)
+    run("copy_users", "--skip-invalid")
+    assert NewUser.objects.create_user("signup", "signup@example.com", "pw").pk > 700
+
+
+def test_a_fixed_row_is_copied_by_the_next_sync(run):
+    bad = make_legacy("bad", "not-an-email")
+    run("copy_users", "--skip-invalid")
+    User.objects.filter(pk=bad.pk).update(email="fixed@example.com")
+    run("copy_users")
+    assert NewUser.objects.get(pk=bad.pk).email == "fixed@example.com"
+
+
+def test_an_unchanged_resync_writes_nothing_and_logs_nothing(run, synced):
+    OperationLog.objects.all().delete()
+    times = list(NewUser.objects.order_by("pk").values_list("updated_at", flat=True))
+    out, _ = run("copy_users")
+    assert "Nothing to do" in out
+    assert list(NewUser.objects.order_by("pk").values_list("updated_at", flat=True)) == times
+    assert not OperationLog.objects.exists()
+
+
+def test_a_shared_email_group_takes_one_line_per_row_whatever_its_size(run):
+    for i in range(40):
+        make_legacy(f"u{i}", "Shared@example.com" if i % 2 else "shared@example.com")
+    with pytest.raises(CommandError) as info:
+        run("copy_users")
+    rows = report_of(str(info.value))
+    assert len(rows) == 40
+    details = {r["detail"] for r in rows.values()}
+    assert details == {
+        "40 legacy users share the email 'shared@example.com' (any case); all of them are listed"
+    }
+
+
+def test_a_database_error_ends_in_one_line_without_key_values(run, monkeypatch):
+    # As if another process had written a duplicate after the checks ran.
+    monkeypatch.setattr(usercopy.Sync, "find_collisions", lambda self: None)
+    make_legacy("first", "secret.person@example.com")
+    make_legacy("second", "SECRET.person@example.com")
+    with pytest.raises(CommandError) as info:
+        run("copy_users")
+    message = str(info.value)
+    assert "The database refused the sync" in message and "\n" not in message
+    assert "secret" not in message.lower()
+    assert NewUser.objects.count() == 0
+    log = OperationLog.objects.get(kind="copy")
+    assert log.ok is False and "secret" not in log.message.lower()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_failed_copy_inside_migration_0002_leaves_an_operation_log(run, settings):
+    settings.USER_COPY_SKIP_INVALID = False
+    run("migrate", "account", "0001")
+    try:
+        make_legacy("bad", "not-an-email")
+        with pytest.raises(CommandError, match="cannot be synced"):
+            run("migrate", "account", "0002")
+        log = OperationLog.objects.get(kind="copy")
+        assert log.ok is False and "email_invalid: 1" in log.message
+        assert NewUser.objects.count() == 0
+    finally:
+        User.objects.all().delete()
+        run("migrate", "account")
+
+
+def test_the_admin_log_blocks_a_delete_like_any_other_reference(run, synced):
+    alice, bob = synced
+    LogEntry.objects.create(user_id=bob.pk, action_flag=1, object_repr="x")
+    User.objects.filter(pk=bob.pk).delete()
+    with pytest.raises(CommandError, match="deleted_but_in_use"):
+        run("copy_users")
+
+
+def test_a_table_unknown_to_django_blocks_a_delete(run, synced):
+    _, bob = synced
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "CREATE TABLE shop_order (id integer PRIMARY KEY, "
+            "buyer_id bigint REFERENCES account_newuser (id) DEFERRABLE INITIALLY DEFERRED)"
+        )
+        cursor.execute("INSERT INTO shop_order VALUES (1, %s)", [bob.pk])
+    User.objects.filter(pk=bob.pk).delete()
+    with pytest.raises(CommandError, match="deleted_but_in_use") as info:
+        run("copy_users")
+    assert "shop_order" in report_of(str(info.value))[bob.pk]["detail"]
