@@ -96,8 +96,8 @@ def _phone_digits(phone: str) -> tuple[str, bool]:
             digits.append(str(unicodedata.decimal(ch)))
         elif ch == "+" and not digits and not plus:
             plus = True
-        elif category[0] in "ZP":  # spaces of any kind, dashes, dots, brackets, slashes
-            continue
+        elif category[0] == "Z" or category in {"Pd", "Ps", "Pe"} or ch in "./":
+            continue  # spaces of any kind, dashes, brackets, dots and slashes
         elif category[0] == "L":
             raise Rejected("phone_letters", f"{phone!r} has letters, not only digits")
         else:

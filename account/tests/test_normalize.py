@@ -13,8 +13,10 @@ from account.normalize import (
     _PLAIN_EMAIL,
     Rejected,
     check_username,
+    email_matches,
     normalize_email,
     normalize_phone,
+    phone_matches,
 )
 
 
@@ -60,7 +62,7 @@ def test_phones_become_e164(raw, expected, change):
 
 @pytest.mark.parametrize(
     "raw, reason",
-    [("call me", "phone_unparseable"), ("12345", "phone_invalid"), ("9123456789", "phone_invalid")],
+    [("call me", "phone_letters"), ("12345", "phone_invalid"), ("9123456789", "phone_invalid")],
 )
 def test_bad_phones_are_rejected_with_a_reason(raw, reason):
     with pytest.raises(Rejected) as info:
@@ -97,3 +99,76 @@ def test_email_fast_path_accepts_only_what_django_accepts():
                 validate_email(email)
             except ValidationError:
                 pytest.fail(f"fast path accepted {email!r}, which Django rejects")
+
+
+@pytest.mark.parametrize(
+    "raw, reason",
+    [
+        ("9841234567x12", "phone_extension"),
+        ("9841234567 ext. 12", "phone_extension"),
+        ("984-123-4567#3", "phone_extension"),
+        ("984CALLNOW", "phone_letters"),
+        ("call me", "phone_letters"),
+        ("984123456*", "phone_unparseable"),
+        ("+", "phone_unparseable"),
+    ],
+)
+def test_phone_extensions_letters_and_symbols_are_rejected_each_with_its_reason(raw, reason):
+    with pytest.raises(Rejected) as info:
+        normalize_phone(raw)
+    assert info.value.reason == reason
+
+
+def test_full_width_digits_are_stored_as_ascii_e164_and_counted_as_reformatted():
+    assert normalize_phone("９８４１２３４５６７") == ("+9779841234567", "phone_reformatted")
+
+
+@pytest.mark.parametrize("raw", ["\u00a0", " ", "\u2003-\u00a0", "()"])
+def test_a_phone_of_spaces_or_punctuation_only_is_cleared_and_counted(raw):
+    assert normalize_phone(raw) == ("", "phone_blank_cleared")
+
+
+@pytest.mark.parametrize(
+    "legacy, stored, ok",
+    [
+        ("9841234567", "+9779841234567", True),
+        ("09841234567", "+9779841234567", True),
+        ("+977 984-123-4567", "+9779841234567", True),
+        ("９８４１２３４５６７", "+9779841234567", True),
+        ("9841234567", "+9779841234568", False),  # another digit
+        ("9841234567x12", "+9779841234567", False),  # the extension is lost
+        ("984CALLNOW", "+9779842255669", False),  # letters turned into digits
+        ("９８４１２３４５６７", "+977９８４１２３４５６７", False),  # not E.164
+        ("\u00a0", "", True),
+        ("", "", True),
+        ("9841234567", "", False),
+    ],
+)
+def test_phone_verification_accepts_only_the_same_digits_in_e164(legacy, stored, ok):
+    assert phone_matches(legacy, stored) is ok
+
+
+@pytest.mark.parametrize(
+    "raw, reason",
+    [("user@İstanbul.com", "email_non_ascii"), ("üser@example.com", "email_non_ascii"),
+     ("a\u00a0b@example.com", "email_non_ascii"), ("a\tb@example.com", "email_invalid")],
+)  # fmt: skip
+def test_emails_outside_ascii_are_rejected_so_python_and_sql_agree(raw, reason):
+    with pytest.raises(Rejected) as info:
+        normalize_email(raw)
+    assert info.value.reason == reason
+
+
+@pytest.mark.parametrize(
+    "legacy, stored, ok",
+    [
+        ("Name@Example.COM", "Name@example.com", True),
+        (" Name@Example.COM ", "Name@example.com", True),
+        ("Name@Example.COM", "name@example.com", False),  # the local part lowercased
+        ("Name@Example.COM", "NAME@example.com", False),
+        ("Name@Example.COM", "Name@Example.COM", False),  # the domain not lowercased
+        ("Name@Example.COM", "Other@example.com", False),
+    ],
+)
+def test_email_verification_compares_the_exact_value(legacy, stored, ok):
+    assert email_matches(legacy, stored) is ok

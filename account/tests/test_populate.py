@@ -149,4 +149,4 @@ def test_migrate_flag_prepares_an_empty_database_and_never_goes_back(fresh_datab
         in manage("showmigrations", "account", url=fresh_database_url).stdout
     )
     resync = manage("copy_users", url=fresh_database_url)
-    assert "copied 50" in resync.stdout, resync.stdout + resync.stderr
+    assert "Inserted 50" in resync.stdout, resync.stdout + resync.stderr

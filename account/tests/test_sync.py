@@ -282,3 +282,45 @@ def test_a_table_unknown_to_django_blocks_a_delete(run, synced):
     with pytest.raises(CommandError, match="deleted_but_in_use") as info:
         run("copy_users")
     assert "shop_order" in report_of(str(info.value))[bob.pk]["detail"]
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("how", ["update", "update_fields", "add_link", "remove_link"])
+def test_the_way_back_refuses_after_any_write_on_the_new_side(run, how):
+    user = make_legacy("alice", "alice@example.com")
+    group = Group.objects.create(name="editors")
+    user.groups.add(group)
+    run("copy_users")
+    new = NewUser.objects.get(pk=user.pk)
+    if how == "update":
+        NewUser.objects.filter(pk=user.pk).update(full_name="Changed")
+    elif how == "update_fields":
+        new.last_login = datetime(2025, 1, 1, tzinfo=UTC)
+        new.save(update_fields=["last_login"])
+    elif how == "add_link":
+        new.user_permissions.add(Permission.objects.get(codename="view_address"))
+    else:
+        new.groups.remove(group)
+    try:
+        with pytest.raises(CommandError, match="changed on the new side since the last sync") as info:
+            run("migrate", "account", "0001")
+        assert f"ids [{user.pk}]" in str(info.value)
+        assert NewUser.objects.filter(pk=user.pk).exists()
+    finally:
+        run("migrate", "account")
+        User.objects.all().delete()
+        NewUser.objects.all().delete()
+        SyncState.objects.all().delete()
+        Group.objects.all().delete()
+
+
+def test_rows_python_and_sql_disagree_on_never_make_valid_rows_fail(run):
+    turkish = make_legacy("turkish", "user@İstanbul.com")
+    kelvin = make_legacy("kelvin", "\u212aelvin@example.com")  # LOWER() may fold it to 'k'
+    ascii_k = make_legacy("ascii_k", "kelvin@example.com")
+    nbsp = make_legacy("nbsp", "nbsp@example.com", phone="\u00a0")
+    out, _ = run("copy_users", "--skip-invalid")
+    assert "rejected, email_non_ascii: 2" in out
+    assert set(NewUser.objects.values_list("pk", flat=True)) == {ascii_k.pk, nbsp.pk}
+    assert str(NewUser.objects.get(pk=nbsp.pk).phone_number) == ""
+    assert not NewUser.objects.filter(pk__in=[turkish.pk, kelvin.pk]).exists()
