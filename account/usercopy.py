@@ -511,7 +511,9 @@ class Sync:
             JOIN {new_t} n ON n.{new_username} = l.{username} AND n.id <> p.id
             WHERE p.action IN ('insert', 'update')"""
         ):
-            self.bad.setdefault(pk, ("username_taken", f"username already used by new user {other}"))
+            self.bad.setdefault(
+                pk, ("username_taken", f"username already used by new user {other}")
+            )
 
     def write_batches(self):
         """Stream the planned rows in id order; normalise, then insert or update each batch."""
@@ -587,8 +589,9 @@ class Sync:
             .filter(pk__in=ids)
             .values_list(*FIELDS, named=True)
         }
-        legacy_links, new_links = self.link_sets(self.models.legacy, ids), self.link_sets(
-            self.models.new, ids
+        legacy_links, new_links = (
+            self.link_sets(self.models.legacy, ids),
+            self.link_sets(self.models.new, ids),
         )
         for row in rows:
             other = new.get(row.id)
@@ -733,7 +736,9 @@ class Sync:
         m = self.models
         links = [self.links(m.new, name)[0] for name in LINKS]
         reset_sequences([m.profile, *links], self.alias)
-        floor = max(self.max_legacy_id, m.new.objects.using(self.alias).aggregate(x=Max("pk"))["x"] or 0)
+        floor = max(
+            self.max_legacy_id, m.new.objects.using(self.alias).aggregate(x=Max("pk"))["x"] or 0
+        )
         table = m.new._meta.db_table
         if self.postgresql:
             (sequence,) = self.sql("SELECT pg_get_serial_sequence(%s, 'id')", [table])[0]
@@ -743,7 +748,9 @@ class Sync:
             )
         elif self.connection.vendor == "sqlite":
             # AUTOINCREMENT tables take the next id from sqlite_sequence.
-            self.sql("UPDATE sqlite_sequence SET seq = MAX(seq, %s) WHERE name = %s", [floor, table])
+            self.sql(
+                "UPDATE sqlite_sequence SET seq = MAX(seq, %s) WHERE name = %s", [floor, table]
+            )
             self.sql(
                 "INSERT INTO sqlite_sequence (name, seq) SELECT %s, %s "
                 "WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = %s)",
@@ -764,8 +771,7 @@ class Sync:
         if n_written != written:
             problems.append(f"{n_written} new users written, {written} expected")
         (n_profiles,) = self.sql(
-            f"SELECT COUNT(*) FROM {profile_t} p JOIN {new_t} n ON n.id = p.user_id "
-            f"WHERE {joined}",
+            f"SELECT COUNT(*) FROM {profile_t} p JOIN {new_t} n ON n.id = p.user_id WHERE {joined}",
             [self.at],
         )[0]
         if n_profiles != self.result.copied:

@@ -2,6 +2,7 @@
 production hasher list (not the tests' fast one), and a login upgrades the weak ones."""
 
 import hashlib
+from pathlib import Path
 
 import pytest
 from django.contrib.auth import authenticate
@@ -64,7 +65,9 @@ def test_every_legacy_hash_format_logs_in_under_production_settings(run, product
 
 def test_strong_hashers_come_before_the_legacy_ones():
     hashers = production_hashers()
-    legacy = [h for h in hashers if h.startswith("account.hashers.") or h.endswith(".MD5PasswordHasher")]
+    legacy = [
+        h for h in hashers if h.startswith("account.hashers.") or h.endswith(".MD5PasswordHasher")
+    ]
     assert hashers[0].endswith("PBKDF2PasswordHasher")
     assert hashers.index(legacy[0]) > hashers.index(
         "django.contrib.auth.hashers.ScryptPasswordHasher"
@@ -84,7 +87,7 @@ def test_an_unknown_hasher_is_rejected_naming_the_algorithm_and_the_setting(run,
     with pytest.raises(CommandError, match="password_unknown_hasher: 1") as info:
         run("check_user_migration")
     path = str(info.value).split("See ", 1)[1].split(".csv", 1)[0] + ".csv"
-    text = open(path).read()
+    text = Path(path).read_text()
     assert "'crypt'" in text and "PASSWORD_HASHERS" in text and str(user.pk) in text
 
 

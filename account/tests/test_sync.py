@@ -4,10 +4,10 @@ import csv
 from datetime import UTC, datetime
 
 import pytest
+from django.contrib.admin.models import LogEntry
 from django.contrib.auth import authenticate
 from django.contrib.auth.hashers import make_password
 from django.contrib.auth.models import Group, Permission
-from django.contrib.admin.models import LogEntry
 from django.core.management.base import CommandError
 from django.db import connection
 
@@ -302,7 +302,9 @@ def test_the_way_back_refuses_after_any_write_on_the_new_side(run, how):
     else:
         new.groups.remove(group)
     try:
-        with pytest.raises(CommandError, match="changed on the new side since the last sync") as info:
+        with pytest.raises(
+            CommandError, match="changed on the new side since the last sync"
+        ) as info:
             run("migrate", "account", "0001")
         assert f"ids [{user.pk}]" in str(info.value)
         assert NewUser.objects.filter(pk=user.pk).exists()

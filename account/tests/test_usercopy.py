@@ -77,9 +77,10 @@ def test_default_policy_writes_nothing_and_reports_every_bad_row(run, dirty_lega
     assert {pk: r["reason"] for pk, r in rows.items()} == expected
     # Every account of a shared-email group has its line, naming the key and the group's size.
     for key in ("dup_a", "dup_b"):
-        assert "2 legacy users share the email 'same@example.com'" in rows[
-            dirty_legacy["bad"][key].pk
-        ]["detail"]
+        assert (
+            "2 legacy users share the email 'same@example.com'"
+            in rows[dirty_legacy["bad"][key].pk]["detail"]
+        )
 
 
 @pytest.mark.django_db
