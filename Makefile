@@ -64,11 +64,16 @@ populate: install ## Add N fake legacy users (N=10000, DIRTY=0.05 for defects); 
 check-data: install ## Pre-flight: list every legacy row the new schema cannot take (writes nothing)
 	$(SKIP_ENV) $(PY) manage.py check_user_migration
 
-migrate-data: install ## Pre-flight, backup, then copy legacy users into NewUser + Profile (SKIP_INVALID=1 to leave bad rows behind)
-	$(SKIP_ENV) $(PY) manage.py check_user_migration
+# The pre-flight is a silent gate (-v 0: one line and the report only when it refuses); then
+# the first copy is migration 0002, and every later run is a re-sync: one report, one summary.
+migrate-data: install ## Pre-flight, backup, then copy or re-sync legacy users into NewUser (SKIP_INVALID=1 to leave bad rows behind)
+	$(SKIP_ENV) $(PY) manage.py check_user_migration -v 0
 	$(PY) scripts/backup.py
-	$(SKIP_ENV) $(PY) manage.py migrate --no-input
-	$(SKIP_ENV) $(PY) manage.py copy_users
+	@if $(PY) manage.py migrate --check >/dev/null 2>&1; then \
+	    echo "$(SKIP_ENV) $(PY) manage.py copy_users"; $(SKIP_ENV) $(PY) manage.py copy_users; \
+	else \
+	    echo "$(SKIP_ENV) $(PY) manage.py migrate --no-input"; $(SKIP_ENV) $(PY) manage.py migrate --no-input; \
+	fi
 
 backup: install ## Back up every account table to BACKUP_DIR (timestamped .jsonl.gz, mode 0600)
 	$(PY) scripts/backup.py
