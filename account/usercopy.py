@@ -242,7 +242,7 @@ def copy_users(
     finally:
         report.close()
         if not sync.result.rejected_total:
-            report.path.unlink()
+            report.path.unlink(missing_ok=True)
             sync.result.report = None
     sync.log(ok=True, message=sync.result.lines()[0])
     return sync.result
