@@ -10,6 +10,7 @@ import difflib
 import os
 import sys
 
+from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management import ManagementUtility, get_commands
 from django.db.utils import InterfaceError, OperationalError
@@ -35,6 +36,9 @@ class CommandLine(ManagementUtility):
     def fetch_command(self, subcommand):
         commands = get_commands()
         if subcommand not in commands:
+            # get_commands() hides a settings error behind "unknown command": raise it again,
+            # as Django's own fetch_command does.
+            settings.INSTALLED_APPS  # noqa: B018
             close = difflib.get_close_matches(subcommand, commands, n=1)
             guess = f"did you mean {close[0]!r}? " if close else ""
             sys.exit(
