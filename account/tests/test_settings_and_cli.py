@@ -3,6 +3,7 @@
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
 from io import StringIO
@@ -188,16 +189,25 @@ def needs_venv():
 
 
 def make(*args, cwd=ROOT, env=None, timeout=120):
-    return subprocess.run(
-        ["make", "-s", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    """Run `make -s ARGS`; a target still running after `timeout` (a server) is killed, whole."""
+    proc = subprocess.Popen(
+        ["make", "-s", *args], cwd=cwd, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"`make {' '.join(args)}` was still running after {timeout} s")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 def test_make_run_never_migrates_and_names_make_migrate_data(fresh_database_url):
     needs_venv()
     populated = manage("populate_fake_user_bulk", "20", "--migrate", url=fresh_database_url)
     assert populated.returncode == 0, populated.stderr  # the legacy schema only: 0001
-    proc = make("run", env=subprocess_env(fresh_database_url))
+    proc = make("run", env=subprocess_env(fresh_database_url), timeout=30)
     assert_clean_failure(proc, "run `make migrate-data` first")
     ours = [line for line in proc.stderr.splitlines() if not line.startswith("make")]
     assert len(ours) == 1, proc.stderr
@@ -207,7 +217,7 @@ def test_make_run_never_migrates_and_names_make_migrate_data(fresh_database_url)
 
 def test_make_run_on_a_database_never_migrated_says_what_to_run(fresh_database_url):
     needs_venv()
-    proc = make("run", env=subprocess_env(fresh_database_url))
+    proc = make("run", env=subprocess_env(fresh_database_url), timeout=30)
     assert_clean_failure(proc, "The database is not migrated", "`make migrate`")
     assert "[ ]" in manage("showmigrations", "account", url=fresh_database_url).stdout
 
