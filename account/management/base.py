@@ -4,8 +4,10 @@ Django prints a 10-line usage block for a bad argument and prefixes refusals wit
 exception's class name (`CommandError: ...`). Commands that subclass `OneLineErrorCommand`
 end both the same way, on stderr, in argparse's own style:
 
-    populate_fake_user_bulk: error: argument count: '0' is not ... (see `manage.py populate_fake_user_bulk --help`)
+    populate_fake_user_bulk: error: argument count: expected a number greater than 0, got 0 (see `manage.py populate_fake_user_bulk --help`)
     populate_fake_user_bulk: error: The legacy table account_user does not exist: run ...
+
+To use it: `class Command(OneLineErrorCommand)` instead of `BaseCommand`; nothing else changes.
 
 Exit status 2 for a bad command line (argparse's convention), 1 (`CommandError.returncode`)
 for a refusal. Called from code (`call_command`), both raise `CommandError` as Django does;

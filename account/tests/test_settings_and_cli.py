@@ -226,7 +226,8 @@ def project_copy(tmp_path) -> Path:
     """The project's files (not its .venv, .env, databases or output) in a temporary directory."""
     copy = tmp_path / "project"
     ignore = shutil.ignore_patterns(".venv", ".git", ".env", "*.sqlite3", "reports", "backups",
-                                    "__pycache__", ".pytest_cache", ".ruff_cache")  # fmt: skip
+                                    "results", "staticfiles", "media", "__pycache__",
+                                    ".pytest_cache", ".ruff_cache")  # fmt: skip
     shutil.copytree(ROOT, copy, ignore=ignore)  # copy2 keeps times: the .venv stays up to date
     return copy
 
