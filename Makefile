@@ -20,16 +20,25 @@ POSTGRES_PORT ?= $(call dotenv,POSTGRES_PORT,5432)
         migrate-data backup restore bench-populate bench-migrate bench-backup \
         postgresDBContainer up down logs clean
 
-help: ## List the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-20s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+help: ## List the targets and the variables they read (colour on a terminal only)
+	@if [ -t 1 ]; then on=$$'\033[36m'; off=$$'\033[0m'; fi; \
+	awk -v on="$$on" -v off="$$off" 'BEGIN {FS = ":.*## "} \
+	    /^[a-zA-Z_-]+:.*## / {printf "  %s%-20s%s %s\n", on, $$1, off, $$2}' $(MAKEFILE_LIST); \
+	echo; echo "Variables, as set now: N=$(N) DIRTY=$(DIRTY) SKIP_INVALID=$(or $(SKIP_INVALID),0)" \
+	    "(change them per run: make populate N=1000000 DIRTY=0.05)"
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	@touch $@
 
-install: $(VENV)/.installed ## Create .venv, install the pinned requirements, create .env if missing
-	@test -f .env || { cp .env.example .env && echo "Created .env from .env.example (local development settings, DEBUG on)."; }
+# A new .env gets its own random SECRET_KEY (settings refuse to start without one when DEBUG is
+# off, which is the default) and mode 0600, since it holds that key.
+install: $(VENV)/.installed ## Create .venv, install the pinned requirements, create .env if missing (DEBUG off)
+	@test -f .env || { \
+	    key=$$($(PY) -c 'import secrets; print(secrets.token_urlsafe(50))') && \
+	    (umask 077 && sed "s/^SECRET_KEY=.*/SECRET_KEY=$$key/" .env.example > .env) && \
+	    echo "Created .env from .env.example with a new random SECRET_KEY (DEBUG off)."; }
 
 demo: install ## Run the whole flow end to end: populate, pre-flight, back up, copy, log in (SQLite unless DATABASE_URL)
 	$(PY) scripts/demo.py
@@ -48,9 +57,10 @@ format: install ## Format the code with ruff
 check-migrations: install ## Fail when the models and the migrations disagree
 	$(PY) manage.py makemigrations --check --dry-run
 
-run: install ## Serve the app on http://127.0.0.1:8000 (development server)
-	$(PY) manage.py migrate --no-input
-	$(PY) manage.py runserver
+# Serving never migrates: `migrate` would run the copy (0002) without pre-flight and backup.
+run: install ## Serve the app on http://127.0.0.1:8000 (development server, DEBUG on); only a fully migrated database
+	@$(PY) manage.py check_migrated --verbosity 0
+	DEBUG=$${DEBUG:-on} $(PY) manage.py runserver
 
 migrate: install ## Apply all migrations (this includes the user copy, 0002)
 	$(PY) manage.py migrate --no-input
@@ -58,7 +68,7 @@ migrate: install ## Apply all migrations (this includes the user copy, 0002)
 # SKIP_INVALID=1: copy the valid legacy users and leave the rejected ones, listed in the report.
 SKIP_ENV := $(if $(filter 1 on true yes,$(SKIP_INVALID)),USER_COPY_SKIP_INVALID=on,)
 
-populate: install ## Add N fake legacy users (N=10000, DIRTY=0.05 for defects); migrates an empty database to the legacy schema first
+populate: install ## Add N fake legacy users (default N=10000; DIRTY=0.05 gives 5% defects, default DIRTY=0); migrates an empty database to the legacy schema first
 	$(PY) manage.py populate_fake_user_bulk $(N) --dirty $(DIRTY) --migrate
 
 check-data: install ## Pre-flight: list every legacy row the new schema cannot take (writes nothing)

@@ -32,6 +32,11 @@ COLUMNS = (
     "is_staff",
 )
 
+# Drawn independently per user: 97% active; 1% staff (support desk, moderators), of whom
+# 97% can sign in too, so a demo of a couple of thousand users always has staff to sign in with.
+ACTIVE_SHARE = 0.97
+STAFF_SHARE = 0.01
+
 # Nepal's mobile prefixes (NTC 984-986, Ncell 980-982): 10 digits, valid for phonenumbers.
 NP_MOBILE_PREFIXES = ("980", "981", "982", "984", "985", "986")
 
@@ -87,10 +92,12 @@ class FakeUsers:
         births = rng.choices(self.birth_dates, k=size)
         prefixes = rng.choices(NP_MOBILE_PREFIXES, k=size)
         phones = rng.choices(range(10_000_000), k=size)
-        flags = [rng.random() for _ in range(size)]
+        # Two draws: whether a user is active says nothing about whether they are staff.
+        actives = [rng.random() < ACTIVE_SHARE for _ in range(size)]
+        staffs = [rng.random() < STAFF_SHARE for _ in range(size)]
         pw = self.password_hash
         rows = []
-        for i, first, last, domain, born, prefix, phone, flag in zip(
+        for i, first, last, domain, born, prefix, phone, active, staff in zip(
             range(first_number, first_number + size),
             firsts,
             lasts,
@@ -98,12 +105,11 @@ class FakeUsers:
             births,
             prefixes,
             phones,
-            flags,
+            actives,
+            staffs,
             strict=True,
         ):
             handle = f"{first.lower()}.{last.lower()}{i}"
-            # 97% active, 0.1% staff.
-            active, staff = flag < 0.97, flag > 0.999
             rows.append(
                 [
                     pw,

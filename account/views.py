@@ -1,5 +1,7 @@
 """The few pages of the demo: home, the signed-in user's account, status and health."""
 
+import logging
+
 from django.contrib.auth.decorators import login_required
 from django.db import connection
 from django.db.utils import DatabaseError
@@ -8,6 +10,19 @@ from django.shortcuts import redirect, render
 from django.views.decorators.cache import never_cache
 
 from .models import NewUser, OperationLog, Profile, User
+
+logger = logging.getLogger(__name__)
+
+# Summary keys that do not say a copy changed anything: what it found (a re-sync that copies
+# nothing still reports the rows it leaves behind) and how long it took. Any other number
+# above zero (copied, groups, normalised_by_kind, updated, deleted, conflicts, ...) does.
+NOT_CHANGES = frozenset({"pending", "already_copied", "rejected", "rejected_by_reason", "seconds"})
+
+# The chart of rejected rows by reason: one bar per reason, drawn on the server as SVG.
+CHART_BAR_HEIGHT = 18
+CHART_BAR_GAP = 6
+CHART_LABEL_WIDTH = 150
+CHART_BAR_MAX_WIDTH = 300
 
 
 def home(request):
@@ -20,26 +35,86 @@ def me(request):
     return render(request, "account/me.html", {"profile": profile})
 
 
+def did_something(log: OperationLog) -> bool:
+    """Whether a logged copy failed or changed something (a no-op re-sync did neither)."""
+    if not log.ok:
+        return True
+    for key, value in log.summary.items():
+        if key in NOT_CHANGES:
+            continue
+        counts = value.values() if isinstance(value, dict) else [value]
+        if any(isinstance(n, int | float) and not isinstance(n, bool) and n for n in counts):
+            return True
+    return False
+
+
+def last_copy_that_did_something() -> OperationLog | None:
+    """The newest copy that failed or changed something, skipping no-op re-syncs."""
+    copies = OperationLog.objects.filter(kind=OperationLog.Kind.COPY).order_by("-finished_at")
+    return next((log for log in copies.iterator(chunk_size=100) if did_something(log)), None)
+
+
+def rejection_chart(rejected_by_reason: dict[str, int]) -> dict | None:
+    """Bars for the status page's SVG chart: one per reason, longest first, scaled to the largest."""
+    counts = sorted(
+        ((reason, n) for reason, n in rejected_by_reason.items() if n > 0),
+        key=lambda item: (-item[1], item[0]),
+    )
+    if not counts:
+        return None
+    largest = counts[0][1]
+    step = CHART_BAR_HEIGHT + CHART_BAR_GAP
+    bars = []
+    for i, (reason, n) in enumerate(counts):
+        width = max(1, round(CHART_BAR_MAX_WIDTH * n / largest))
+        bars.append(
+            {
+                "reason": reason,
+                "count": n,
+                "y": i * step,
+                "text_y": i * step + CHART_BAR_HEIGHT - 5,
+                "width": width,
+                "count_x": CHART_LABEL_WIDTH + width + 4,
+            }
+        )
+    return {
+        "bars": bars,
+        "total": sum(n for _, n in counts),
+        "width": CHART_LABEL_WIDTH + CHART_BAR_MAX_WIDTH + 60,
+        "height": len(bars) * step,
+        "bar_x": CHART_LABEL_WIDTH,
+        "label_x": CHART_LABEL_WIDTH - 6,
+        "bar_height": CHART_BAR_HEIGHT,
+    }
+
+
 @never_cache
 def status(request):
-    """Counts and the last runs; personal data never appears here, and counts only to staff."""
-    context = {"show_counts": request.user.is_authenticated and request.user.is_staff}
-    if context["show_counts"]:
-        context["legacy_users"] = User.objects.count()
-        context["new_users"] = NewUser.objects.count()
-    context["last_copy"] = OperationLog.objects.filter(kind=OperationLog.Kind.COPY).first()
-    context["last_backup"] = OperationLog.objects.filter(kind=OperationLog.Kind.BACKUP).first()
+    """That the app is up, to everyone; counts, messages and file names to staff only."""
+    is_staff = request.user.is_authenticated and request.user.is_staff
+    context = {"is_staff": is_staff}
+    if is_staff:
+        last_copy = last_copy_that_did_something()
+        context.update(
+            legacy_users=User.objects.count(),
+            new_users=NewUser.objects.count(),
+            last_copy=last_copy,
+            chart=rejection_chart(last_copy.summary.get("rejected_by_reason") or {})
+            if last_copy
+            else None,
+            last_backup=OperationLog.objects.filter(kind=OperationLog.Kind.BACKUP).first(),
+        )
     return render(request, "account/status.html", context)
 
 
 @never_cache
 def health(request):
-    """200 when the database answers a query, 503 otherwise."""
+    """200 when the database answers a query, 503 otherwise; the cause goes to the log only."""
     try:
         with connection.cursor() as cursor:
             cursor.execute("SELECT 1")
             cursor.fetchone()
-    except DatabaseError as exc:
-        first_line = (str(exc).strip().splitlines() or ["error"])[0]
-        return JsonResponse({"status": "error", "database": first_line}, status=503)
+    except DatabaseError:
+        logger.exception("Health check failed: the database did not answer")
+        return JsonResponse({"status": "error", "database": "unavailable"}, status=503)
     return JsonResponse({"status": "ok", "database": "ok"})

@@ -10,6 +10,8 @@ from urllib.parse import urlsplit
 import environ
 from django.core.exceptions import ImproperlyConfigured
 
+from config.dburl import mask_password
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 env = environ.Env()
@@ -75,19 +77,25 @@ WSGI_APPLICATION = "config.wsgi.application"
 
 
 def database_from_url(url: str) -> dict:
-    """Parse DATABASE_URL, refusing anything that is not a PostgreSQL or SQLite URL."""
+    """Parse DATABASE_URL, refusing anything that is not a PostgreSQL or SQLite URL.
+
+    Every message shows the URL with its password masked: these land in terminals and CI logs.
+    """
+    shown = mask_password(url)
     scheme = urlsplit(url).scheme
     if scheme not in {"postgres", "postgresql", "pgsql", "sqlite"}:
         raise ImproperlyConfigured(
-            f"DATABASE_URL {url!r} is not a database URL this app understands: "
+            f"DATABASE_URL {shown!r} is not a database URL this app understands: "
             "use postgres://USER:PASSWORD@HOST:PORT/NAME or sqlite:///path/to/file.sqlite3"
         )
     try:
         config = environ.Env.db_url_config(url)
     except ValueError as exc:
-        raise ImproperlyConfigured(f"DATABASE_URL {url!r} is malformed: {exc}") from None
+        raise ImproperlyConfigured(
+            f"DATABASE_URL {shown!r} is malformed: {mask_password(str(exc))}"
+        ) from None
     if not config.get("NAME"):
-        raise ImproperlyConfigured(f"DATABASE_URL {url!r} names no database")
+        raise ImproperlyConfigured(f"DATABASE_URL {shown!r} names no database")
     if config["ENGINE"] == "django.db.backends.postgresql":
         # Fail fast when the server is down instead of hanging.
         config.setdefault("OPTIONS", {})["connect_timeout"] = env.int("DATABASE_CONNECT_TIMEOUT", 5)

@@ -8,7 +8,8 @@ On the configured database (the SQLite file by default, or DATABASE_URL):
   2. pre-flight: list the rows the new schema cannot take (the default policy would refuse);
   3. back up every account table;
   4. copy the users (migration 0002, then a re-sync) leaving the rejected rows behind;
-  5. log a migrated user in with the password they had before the copy.
+  5. sign a migrated staff user in with the password they had before the copy, and print
+     that account: it can sign in to the app and see the counts at /status/.
 Re-running adds N more legacy users and copies only those.
 """
 
@@ -46,7 +47,7 @@ def main() -> None:
     )  # fmt: skip
     step("   Re-sync (copies only what is new)", "manage.py", "copy_users", "--skip-invalid")
 
-    print("\n=== 5. A migrated user logs in with the old password", flush=True)
+    print("\n=== 5. A migrated staff user signs in with the old password", flush=True)
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
     sys.path.insert(0, str(ROOT))
     import django
@@ -56,14 +57,20 @@ def main() -> None:
 
     from account.models import NewUser
 
-    user = NewUser.objects.filter(is_active=True).order_by("-pk").first()
-    ok = user is not None and authenticate(username=user.username, password=PASSWORD) == user
-    if not ok:
-        sys.exit("demo failed: a migrated user could not log in with the old password.")
-    print(f"authenticate({user.username!r}, {PASSWORD!r}) -> {user.full_name} ({user.email})")
+    # About 1% of fake users are staff, drawn independently of the 97% who are active.
+    staff = NewUser.objects.filter(is_staff=True, is_active=True).order_by("-pk").first()
+    if staff is None:
+        sys.exit(
+            f"demo stopped: none of the {NewUser.objects.count()} migrated users is active staff "
+            "(about 1 in 100 is): run it again to add more, or "
+            "`python manage.py createsuperuser`."
+        )
+    if authenticate(username=staff.username, password=PASSWORD) != staff:
+        sys.exit("demo failed: a migrated user could not sign in with the old password.")
+    print(f"authenticate({staff.username!r}, {PASSWORD!r}) -> {staff.full_name} (staff)")
     print(
-        f"\nDone. Serve the app with `make run` and sign in at http://127.0.0.1:8000/login/ "
-        f"as {user.username} / {PASSWORD}."
+        "\nDone. Serve the app with `make run`, sign in at http://127.0.0.1:8000/login/ as "
+        f"{staff.username} / {PASSWORD}, and see the migration's state at /status/."
     )
 
 

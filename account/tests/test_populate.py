@@ -1,6 +1,8 @@
 """populate_fake_user_bulk: correct, unique, loggable-in fake legacy users; bad input refused."""
 
 import re
+import subprocess
+import sys
 
 import phonenumbers
 import pytest
@@ -10,11 +12,11 @@ from django.db import DatabaseError
 from django.db.models import Count
 from django.db.models.functions import Lower
 
-from account.fakedata import DEFECT_KINDS, FakeUsers
+from account.fakedata import COLUMNS, DEFECT_KINDS, FakeUsers
 from account.management.commands import populate_fake_user_bulk as populate_module
 from account.models import User
 
-from .conftest import assert_clean_failure, manage
+from .conftest import ROOT, assert_clean_failure, manage, subprocess_env
 
 pytestmark = pytest.mark.django_db
 
@@ -42,6 +44,16 @@ def test_every_user_can_log_in_with_the_documented_password(run, client):
     assert not check_password("wrong", user.password)
     # The password was hashed once: every row carries the same encoded string.
     assert User.objects.values("password").distinct().count() == 1
+
+
+def test_staff_and_active_flags_are_drawn_independently():
+    rows = FakeUsers(seed=11).batch(1, 20_000)
+    active, staff = COLUMNS.index("is_active"), COLUMNS.index("is_staff")
+    staff_rows = [row for row in rows if row[staff]]
+    assert 100 < len(staff_rows) < 300  # about 1%
+    # As many staff are active as users at large (97%), so some staff can sign in.
+    active_share = sum(row[active] for row in staff_rows) / len(staff_rows)
+    assert 0.9 < active_share < 1
 
 
 def test_same_seed_gives_the_same_users():
@@ -94,14 +106,49 @@ def test_bad_arguments_are_refused_and_nothing_is_written(run, args, message):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("args", [["abc"], ["10", "--frobnicate"], []])
-def test_bad_command_lines_exit_non_zero_without_traceback(args):
-    assert_clean_failure(manage("populate_fake_user_bulk", *args))
+def test_bad_command_lines_end_in_one_line_without_traceback(args):
+    proc = manage("populate_fake_user_bulk", *args)
+    assert_clean_failure(proc, "populate_fake_user_bulk: error: ", "--help")
+    assert len(proc.stderr.splitlines()) == 1, proc.stderr
 
 
 @pytest.mark.slow
-def test_unmigrated_database_is_refused(fresh_database_url):
+def test_unmigrated_database_is_refused_in_one_line(fresh_database_url):
     proc = manage("populate_fake_user_bulk", "10", url=fresh_database_url)
-    assert_clean_failure(proc, "migrate account 0001")
+    assert_clean_failure(proc, "populate_fake_user_bulk: error: ", "migrate account 0001")
+    assert len(proc.stderr.splitlines()) == 1, proc.stderr
+
+
+@pytest.mark.slow
+def test_verbosity_0_prints_nothing_on_success_even_when_it_migrates(fresh_database_url):
+    proc = manage("populate_fake_user_bulk", "20", "--migrate", "-v", "0", url=fresh_database_url)
+    assert proc.returncode == 0, proc.stderr
+    assert (proc.stdout, proc.stderr) == ("", "")
+
+
+def test_verbosity_0_prints_nothing_on_success(run):
+    out, err = run("populate_fake_user_bulk", "20", "--dirty", "0.5", verbosity=0)
+    assert (out, err) == ("", "")
+    assert User.objects.count() == 20
+
+
+@pytest.mark.slow
+def test_demo_prints_a_staff_account_that_can_sign_in(fresh_database_url, tmp_path):
+    demo = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "demo.py")],
+        cwd=ROOT, env=subprocess_env(fresh_database_url, BACKUP_DIR=tmp_path, REPORT_DIR=tmp_path),
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    username = re.search(r"sign in at \S+ as (\S+) / legacy-password", demo.stdout).group(1)
+    check = manage(
+        "shell", "--no-imports", "-c",
+        "from django.contrib.auth import authenticate; "
+        f"u = authenticate(username={username!r}, password='legacy-password'); "
+        "print(u is not None and u.is_staff and u.is_active)",
+        url=fresh_database_url,
+    )  # fmt: skip
+    assert check.stdout.strip() == "True", check.stdout + check.stderr
 
 
 def _fail_on_batch(monkeypatch, n, exc):

@@ -1,11 +1,19 @@
-"""The pages: login with the old password, the account page, status, health, CSRF."""
+"""The pages: login with the old password, the account page, status (and its chart), health."""
+
+import logging
+import re
+from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 from django.db import connection
-from django.db.utils import OperationalError
 from django.test import Client
+from django.utils import timezone
 
-from account.models import NewUser, OperationLog
+from account import views
+from account.models import NewUser, OperationLog, User
+
+SVG = "{http://www.w3.org/2000/svg}"
 
 pytestmark = pytest.mark.django_db
 
@@ -38,38 +46,182 @@ def test_login_is_protected_by_csrf(migrated):
     assert "csrfmiddlewaretoken" in client.get("/login/").content.decode()
 
 
-def test_status_shows_no_personal_data_or_counts_to_anonymous_visitors(client, migrated):
-    page = client.get("/status/").content.decode()
-    assert "Log in as staff to see user counts" in page
-    assert "legacy-count" not in page
-    for user in NewUser.objects.all():
-        assert user.username not in page and user.email not in page
-    assert "rejected: email_duplicate" in page  # counts by reason, no names
-
-
-def test_status_shows_counts_and_last_runs_to_staff(client, migrated, run):
-    run("backup_accounts")
+def staff_client(client):
     staff = NewUser.objects.create_user(
         "staffer", "staffer@example.com", "pw", is_staff=True, id=9000
     )
     client.force_login(staff)
+    return client
+
+
+def copy_log(message, ok=True, **summary):
+    return OperationLog.objects.create(
+        kind="copy", ok=ok, started_at=timezone.now(), summary=summary, message=message
+    )
+
+
+def svg_chart(page: str) -> ElementTree.Element:
+    match = re.search(r"<svg id=\"rejections-chart\".*?</svg>", page, re.DOTALL)
+    assert match, "no chart on the page"
+    return ElementTree.fromstring(match.group(0))
+
+
+def bars(chart: ElementTree.Element) -> list[tuple[str, int, int]]:
+    """(reason, count, bar width) for each bar, top to bottom."""
+    return [
+        (g.get("data-reason"), int(g.get("data-count")), int(g.find(f"{SVG}rect").get("width")))
+        for g in chart.iter(f"{SVG}g")
+    ]
+
+
+@pytest.mark.parametrize("visitor", ["anonymous", "signed-in non-staff"])
+def test_status_tells_visitors_who_are_not_staff_only_that_the_app_is_up(
+    client, migrated, run, visitor
+):
+    run("backup_accounts")
+    if visitor != "anonymous":
+        client.force_login(migrated)
     page = client.get("/status/").content.decode()
-    assert f'id="legacy-count">{47}<' in page
+    assert 'id="app-up"' in page
+    logs = OperationLog.objects.all()
+    assert logs.count() >= 2
+    for log in logs:
+        assert log.message not in page
+        assert not log.summary.get("report") or log.summary["report"] not in page
+    assert "legacy-count" not in page and "<svg" not in page and "rejected" not in page
+    for username, email in User.objects.values_list("username", "email"):
+        assert username not in page
+        assert not email.strip() or email.strip() not in page
+
+
+def test_status_shows_counts_messages_and_file_names_to_staff(client, migrated, run, settings):
+    run("backup_accounts")
+    page = staff_client(client).get("/status/").content.decode()
+    assert f'id="legacy-count">{User.objects.count()}<' in page
     assert f'id="new-count">{NewUser.objects.count()}<' in page
+    copy = OperationLog.objects.get(kind="copy")
+    assert copy.message in page
     backup = OperationLog.objects.get(kind="backup")
     assert backup.message in page
+    backup_file = next(Path(settings.BACKUP_DIR).glob("accounts-*")).name
+    assert backup_file in page
 
 
-def test_health_checks_the_database(client, monkeypatch):
-    assert client.get("/health/").json() == {"status": "ok", "database": "ok"}
+def test_status_chart_has_one_bar_per_reason_of_the_last_copy(client, migrated):
+    rejected = OperationLog.objects.get(kind="copy").summary["rejected_by_reason"]
+    assert len(rejected) >= 3  # the fixture's defects are of several kinds
+    page = staff_client(client).get("/status/").content.decode()
+    shown = {reason: count for reason, count, _ in bars(svg_chart(page))}
+    assert shown == rejected
 
-    def broken(*args, **kwargs):
-        raise OperationalError("connection refused\nmore detail")
 
-    monkeypatch.setattr(connection, "cursor", broken)
+def test_status_chart_bars_are_longest_first_and_scaled_to_the_largest(client):
+    copy_log("copied 10", copied=10, rejected_by_reason={"phone_invalid": 2, "email_empty": 1,
+                                                          "email_duplicate": 4, "id_taken": 0})  # fmt: skip
+    page = staff_client(client).get("/status/").content.decode()
+    widest = views.CHART_BAR_MAX_WIDTH
+    assert bars(svg_chart(page)) == [
+        ("email_duplicate", 4, widest),
+        ("phone_invalid", 2, widest // 2),
+        ("email_empty", 1, widest // 4),
+    ]
+
+
+def test_status_has_no_chart_when_nothing_was_rejected(client):
+    copy_log("copied 10", copied=10, rejected=0, rejected_by_reason={})
+    page = staff_client(client).get("/status/").content.decode()
+    assert "copied 10" in page and "<svg" not in page
+
+
+def test_status_shows_the_last_copy_that_did_something_not_a_later_no_op(client, migrated, run):
+    first = OperationLog.objects.get(kind="copy")
+    later = copy_log(
+        "re-sync, nothing new",
+        pending=first.summary["rejected"],
+        copied=0,
+        already_copied=first.summary["copied"],
+        groups=0,
+        permissions=0,
+        rejected=first.summary["rejected"],
+        rejected_by_reason=first.summary["rejected_by_reason"],
+        normalised_by_kind={},
+        seconds=0.2,
+        report="user-copy-later.csv",
+    )
+    assert later.finished_at > first.finished_at
+    page = staff_client(client).get("/status/").content.decode()
+    assert first.message in page
+    assert later.message not in page and "user-copy-later.csv" not in page
+
+
+def test_status_says_so_when_every_copy_was_a_no_op(client):
+    copy_log("re-sync, nothing new", pending=0, copied=0, rejected=0, seconds=0.1)
+    page = staff_client(client).get("/status/").content.decode()
+    assert "re-sync, nothing new" not in page
+    assert "No copy has changed anything yet" in page
+
+
+@pytest.mark.parametrize(
+    "ok, summary, expected",
+    [
+        (True, {"copied": 3, "pending": 3}, True),
+        (True, {"copied": 0, "groups": 2}, True),
+        (True, {"copied": 0, "normalised_by_kind": {"email_trimmed": 1}}, True),
+        (True, {"copied": 0, "updated": 1}, True),  # keys the engine may add later count too
+        (True, {"copied": 0, "deleted": 1}, True),
+        (True, {"copied": 0, "conflicts": 2}, True),
+        (False, {"copied": 0, "pending": 5}, True),  # a failure is always worth showing
+        (
+            True,
+            {
+                "copied": 0,
+                "pending": 5,
+                "already_copied": 9,
+                "rejected": 5,
+                "rejected_by_reason": {"email_empty": 5},
+                "normalised_by_kind": {},
+                "seconds": 1.5,
+                "report": "user-copy-x.csv",
+            },
+            False,
+        ),  # fmt: skip
+        (True, {}, False),
+    ],
+)
+def test_a_copy_did_something_when_it_failed_or_changed_a_row(ok, summary, expected):
+    log = OperationLog(kind="copy", ok=ok, started_at=timezone.now(), summary=summary)
+    assert views.did_something(log) is expected
+
+
+def test_health_answers_200_when_the_database_answers(client):
     response = client.get("/health/")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok", "database": "ok"}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_health_answers_503_with_a_fixed_message_and_logs_the_cause(client, caplog):
+    broken = (
+        {"HOST": "127.0.0.1", "PORT": "1"}  # nothing listens on port 1
+        if connection.vendor == "postgresql"
+        else {"NAME": "/nonexistent-directory/db.sqlite3"}
+    )
+    connection.close()
+    saved = dict(connection.settings_dict)
+    connection.settings_dict.update(broken)
+    try:
+        with caplog.at_level(logging.ERROR, logger="account.views"):
+            response = client.get("/health/")
+    finally:
+        connection.close()
+        connection.settings_dict.clear()
+        connection.settings_dict.update(saved)
     assert response.status_code == 503
-    assert response.json() == {"status": "error", "database": "connection refused"}
+    assert response.json() == {"status": "error", "database": "unavailable"}
+    [record] = [r for r in caplog.records if r.name == "account.views"]
+    cause = str(record.exc_info[1])
+    assert ("port 1" if connection.vendor == "postgresql" else "unable to open") in cause
+    assert cause not in response.content.decode()
 
 
 def test_home_sends_visitors_to_login(client):

@@ -4,13 +4,14 @@ import time
 from argparse import ArgumentTypeError
 
 from django.core.management import call_command
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 from django.db import DatabaseError, connection, transaction
 from django.db.migrations.recorder import MigrationRecorder
 from django.db.models import Max
 
 from account.dbutil import analyze, insert_rows, is_postgresql, table_exists
 from account.fakedata import COLUMNS, DEFAULT_PASSWORD, DEFECT_KINDS, FakeUsers
+from account.management.base import OneLineErrorCommand
 from account.models import User
 from account.progress import progress
 
@@ -41,7 +42,7 @@ def account_migrated() -> bool:
     return recorder.has_table() and recorder.migration_qs.filter(app="account").exists()
 
 
-class Command(BaseCommand):
+class Command(OneLineErrorCommand):
     help = (
         "Add N fake users to the legacy account.User table: realistic names (Faker), unique "
         "usernames and emails, valid Nepali phone numbers and one shared, documented password. "
@@ -85,7 +86,10 @@ class Command(BaseCommand):
         self, *args, count, password, seed, batch_size, dirty, migrate, verbosity, **options
     ):
         if migrate and not account_migrated():
-            self.stdout.write("Migrating the empty database to the legacy schema (account 0001).")
+            if verbosity > 0:
+                self.stdout.write(
+                    "Migrating the empty database to the legacy schema (account 0001)."
+                )
             call_command("migrate", "account", "0001", verbosity=0)
         if not table_exists(User):
             raise CommandError(

@@ -2,12 +2,14 @@
 
 import time
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 from django.db import connection
 from django.db.utils import OperationalError
 
+from account.management.base import OneLineErrorCommand
 
-class Command(BaseCommand):
+
+class Command(OneLineErrorCommand):
     help = "Wait until the database accepts connections, up to --timeout seconds."
 
     def add_arguments(self, parser):
