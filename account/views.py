@@ -16,7 +16,18 @@ logger = logging.getLogger(__name__)
 # Summary keys that do not say a copy changed anything: what it found (a re-sync that copies
 # nothing still reports the rows it leaves behind) and how long it took. Any other number
 # above zero (copied, groups, normalised_by_kind, updated, deleted, conflicts, ...) does.
-NOT_CHANGES = frozenset({"pending", "already_copied", "rejected", "rejected_by_reason", "seconds"})
+NOT_CHANGES = frozenset(
+    {
+        "pending",
+        "already_copied",
+        "rejected",
+        "rejected_by_reason",
+        "seconds",
+        "legacy_total",
+        "password_algorithms",
+        "conflicts",
+    }
+)
 
 # The chart of rejected rows by reason: one bar per reason, drawn on the server as SVG.
 CHART_BAR_HEIGHT = 18

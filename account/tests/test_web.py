@@ -169,7 +169,7 @@ def test_status_says_so_when_every_copy_was_a_no_op(client):
         (True, {"copied": 0, "normalised_by_kind": {"email_trimmed": 1}}, True),
         (True, {"copied": 0, "updated": 1}, True),  # keys the engine may add later count too
         (True, {"copied": 0, "deleted": 1}, True),
-        (True, {"copied": 0, "conflicts": 2}, True),
+        (True, {"copied": 0, "conflicts": 2, "legacy_total": 9}, False),  # nothing written
         (False, {"copied": 0, "pending": 5}, True),  # a failure is always worth showing
         (
             True,

@@ -1,15 +1,16 @@
 """Bring NewUser in line with the legacy table: the re-sync behind `make migrate-data`."""
 
 from django.conf import settings
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
 from account.dbutil import table_exists
+from account.management.base import OneLineErrorCommand
 from account.models import NewUser, OperationLog, Profile, SyncState, User
 from account.progress import progress
 from account.usercopy import CopyError, CopyModels, copy_users
 
 
-class Command(BaseCommand):
+class Command(OneLineErrorCommand):
     help = (
         "Sync NewUser with the legacy user table: insert legacy users not copied yet, carry "
         "every change made in the legacy table since the last sync (fields, groups, "
