@@ -165,6 +165,12 @@ def check_username(username: str) -> None:
         raise Rejected("username_empty", "username is empty")
     if len(username) > 150:
         raise Rejected("username_too_long", f"username has {len(username)} characters (max 150)")
+    if unicodedata.normalize("NFKC", username) != username:
+        raise Rejected(
+            "username_not_normalized",
+            f"{username!r} changes under NFKC, as Django's login form folds it: the user "
+            "could not log in",
+        )
     if not _USERNAME.match(username):
         raise Rejected(
             "username_invalid", f"{username!r} has characters other than letters, digits and @.+-_"
@@ -196,7 +202,15 @@ def check_password_hash(encoded: str) -> str:
     on either side.
     """
     algorithm = password_algorithm(encoded)
-    if algorithm in {"empty", "unusable"} or algorithm in get_hashers_by_algorithm():
+    if algorithm in {"empty", "unusable"}:
+        return algorithm
+    if hasher := get_hashers_by_algorithm().get(algorithm):
+        try:
+            hasher.decode(encoded)
+        except Exception:  # noqa: BLE001 - each hasher fails its own way on a broken hash
+            raise Rejected(
+                "password_malformed", f"a {algorithm} password hash that cannot be read"
+            ) from None
         return algorithm
     raise Rejected(
         "password_unknown_hasher",

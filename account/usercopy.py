@@ -35,6 +35,7 @@ that reads the legacy table in one snapshot (REPEATABLE READ on PostgreSQL):
 
 import csv
 import os
+import sys
 import time
 from collections import Counter
 from contextlib import nullcontext
@@ -221,7 +222,13 @@ def copy_users(
     sync = Sync(models, alias, skip_invalid, dry_run, batch_size, on_progress, on_start)
     connection = connections[alias]
     nested = connection.in_atomic_block
-    report = Report(report_dir, "check" if dry_run else "copy")
+    try:
+        report = Report(report_dir, "check" if dry_run else "copy")
+    except OSError as exc:
+        raise CopyError(
+            f"Cannot write the report in {report_dir} ({exc.strerror}): set REPORT_DIR to a "
+            "directory this user can write."
+        ) from None
     sync.result.report = report.path
     sync.report = report
     try:
@@ -332,7 +339,7 @@ class Sync:
         qn, pg = self.qn, self.postgresql
         names = [n for n in FIELDS if n != "id"]
         if model is self.models.new:
-            names.append("updated_at")  # any save(), even one that changes no value
+            names += ["joined_at", "updated_at"]  # any save(), even one that changes no value
         values = [f"{row}.{self.column(model, n)}" for n in names]
         joins = []
         for i, name in enumerate(LINKS):
@@ -365,6 +372,7 @@ class Sync:
         if self.postgresql and outermost:
             # One snapshot of the legacy table for every read of this sync.
             self.sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        self.utc()
         if not self.dry_run:
             self.lock()
         legacy = self.models.legacy.objects.using(self.alias)
@@ -386,11 +394,13 @@ class Sync:
                 self.delete_removed(removed)
                 if self.writing:
                     self.create_profiles()
-            if self.result.rejected_total and not self.skip_invalid and not self.dry_run:
-                raise CopyError(_refusal(self.result))
             if self.dry_run:
                 return
+            # Before a refusal too: PostgreSQL's setval is not rolled back, so no signup takes
+            # a legacy id meanwhile (SQLite's counter is rolled back with the rest).
             self.advance_sequences()
+            if self.result.rejected_total and not self.skip_invalid:
+                raise CopyError(_refusal(self.result))
             if not self.result.written:
                 return
             links = [self.links(self.models.new, name)[0] for name in LINKS]
@@ -399,8 +409,15 @@ class Sync:
             self.verify()
             self.record()
         finally:
-            self.sql(f"DROP TABLE IF EXISTS {PLAN}")
+            # After a database error the transaction is aborted: its rollback drops the table.
+            if not isinstance(sys.exc_info()[1], DatabaseError):
+                self.sql(f"DROP TABLE IF EXISTS {PLAN}")
             self.result.seconds = time.perf_counter() - self.started
+
+    def utc(self):
+        """Digests print timestamps as text: in UTC, whatever the session's time zone."""
+        if self.postgresql:
+            self.sql("SET LOCAL TimeZone = 'UTC'")
 
     def lock(self):
         """Refuse a second sync while one runs (PostgreSQL); SQLite queues writers by itself."""
@@ -542,7 +559,7 @@ class Sync:
                 values = self.normalise(row)
                 if values is not None:
                     (inserts if action == "insert" else updates).append(values)
-            self.report_conflicts(conflicts)
+            updates += self.report_conflicts(conflicts)
             self.result.copied += len(inserts)
             self.result.updated += len(updates)
             if self.writing:
@@ -578,10 +595,15 @@ class Sync:
             row.full_name, row.date_of_birth, phone, row.is_active, row.is_staff,
         )  # fmt: skip
 
-    def report_conflicts(self, rows):
-        """Users changed on both sides: name the fields where the two sides now differ."""
+    def report_conflicts(self, rows) -> list[tuple]:
+        """Users changed on both sides: name the fields where the two sides now differ.
+
+        When they no longer differ (someone made them equal), the user is synced again: its
+        values are returned, to be written and recorded like an update.
+        """
+        resolved = []
         if not rows:
-            return
+            return resolved
         ids = [row.id for row in rows]
         new = {
             r.id: r
@@ -605,9 +627,13 @@ class Sync:
                 values = row._asdict()
             fields = [n for n in FIELDS if values[n] != getattr(other, n)]
             fields += [n for n in LINKS if legacy_links[n].get(row.id) != new_links[n].get(row.id)]
+            if not fields and (normalised := self.normalise(row)) is not None:
+                resolved.append(normalised)
+                continue
             self.reject(row.id, row.username, "conflict",
                         "changed on both sides since the last sync; fields that differ now: "
-                        + (", ".join(fields) or "none (the same change on both sides)"))  # fmt: skip
+                        + (", ".join(fields) or "none, but the legacy row cannot be synced"))  # fmt: skip
+        return resolved
 
     @staticmethod
     def normalise_quietly(row) -> tuple:
@@ -916,6 +942,7 @@ def mark_in_sync(models: CopyModels, *, alias: str = "default") -> int:
     legacy_joins, legacy_digest = sync.digest(m.legacy, "l", correlated=False)
     new_joins, new_digest = sync.digest(m.new, "n", correlated=False)
     with transaction.atomic(using=alias):
+        sync.utc()
         sync.sql(f"DELETE FROM {sync.table(m.state)}")
         sync.sql(
             f"""INSERT INTO {sync.table(m.state)} (user_id, legacy_digest, new_digest, synced_at)
@@ -945,6 +972,7 @@ def uncopy_users(models: CopyModels, *, alias: str = "default") -> int:
     _, new_digest = sync.digest(m.new, "n", correlated=True)
     new_t, state_t = sync.table(m.new), sync.table(m.state)
     with transaction.atomic(using=alias):
+        sync.utc()
         if sync.postgresql:
             # Nobody writes to these tables between the checks and the delete.
             tables = ", ".join(qn(t) for t in [new_table, *own, *others, m.state._meta.db_table])

@@ -172,3 +172,9 @@ def test_emails_outside_ascii_are_rejected_so_python_and_sql_agree(raw, reason):
 )
 def test_email_verification_compares_the_exact_value(legacy, stored, ok):
     assert email_matches(legacy, stored) is ok
+
+
+def test_a_username_login_would_fold_is_rejected():
+    with pytest.raises(Rejected) as info:
+        check_username("ｂｏｂ")
+    assert info.value.reason == "username_not_normalized"

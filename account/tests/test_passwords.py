@@ -31,6 +31,7 @@ def real_hashes() -> dict[str, str]:
         "pbkdf2_sha1": make_password(PASSWORD, hasher="pbkdf2_sha1"),
         "argon2": make_password(PASSWORD, hasher="argon2"),
         "bcrypt_sha256": make_password(PASSWORD, hasher="bcrypt_sha256"),
+        "bcrypt": make_password(PASSWORD, hasher="bcrypt"),
         "scrypt": make_password(PASSWORD, hasher="scrypt"),
         "md5": make_password(PASSWORD, hasher="md5"),
         "sha1": make_password(PASSWORD, hasher="sha1"),
@@ -96,3 +97,9 @@ def test_an_unusable_password_is_kept_as_it_is(run, production):
     run("copy_users")
     new = NewUser.objects.get(pk=user.pk)
     assert new.password == "!XyZunusable" and not new.has_usable_password()
+
+
+def test_a_malformed_hash_of_a_known_algorithm_is_rejected(run, production):
+    make_legacy("a", "a@example.com", password="pbkdf2_sha256$oops")
+    with pytest.raises(CommandError, match="password_malformed: 1"):
+        run("check_user_migration")

@@ -158,7 +158,7 @@ def test_a_change_on_both_sides_is_a_conflict_named_by_id_and_field(run, synced,
         ]
         assert authenticate(username="alice", password="old-pass").pk == alice.pk
         assert NewUser.objects.get(pk=alice.pk).password.startswith("pbkdf2_sha256$")
-    User.objects.filter(pk=alice.pk).update(full_name="Legacy Side")
+    User.objects.filter(pk=alice.pk).update(full_name="Legacy Side", is_staff=True)
     User.objects.filter(pk=bob.pk).update(full_name="Bob Changed")
     before = NewUser.objects.get(pk=alice.pk).__dict__.copy()
     with pytest.raises(CommandError, match="conflict: 1") as info:
@@ -240,6 +240,7 @@ def test_a_database_error_ends_in_one_line_without_key_values(run, monkeypatch):
         run("copy_users")
     message = str(info.value)
     assert "The database refused the sync" in message and "\n" not in message
+    assert "account_newuser_email_ci_unique" in message  # the real error, not a later one
     assert "secret" not in message.lower()
     assert NewUser.objects.count() == 0
     log = OperationLog.objects.get(kind="copy")
@@ -326,3 +327,57 @@ def test_rows_python_and_sql_disagree_on_never_make_valid_rows_fail(run):
     assert set(NewUser.objects.values_list("pk", flat=True)) == {ascii_k.pk, nbsp.pk}
     assert str(NewUser.objects.get(pk=nbsp.pk).phone_number) == ""
     assert not NewUser.objects.filter(pk__in=[turkish.pk, kelvin.pk]).exists()
+
+
+def test_a_conflict_made_equal_by_hand_is_synced_again(run, synced):
+    alice, _ = synced
+    NewUser.objects.filter(pk=alice.pk).update(full_name="Same On Both")
+    User.objects.filter(pk=alice.pk).update(full_name="Same On Both")
+    run("copy_users")  # no conflict: both sides hold the same values
+    User.objects.filter(pk=alice.pk).update(is_active=False)
+    run("copy_users")  # and later legacy changes are carried again
+    assert NewUser.objects.get(pk=alice.pk).is_active is False
+
+
+def test_users_with_several_links_added_in_any_order_stay_in_sync(run):
+    user = make_legacy("many", "many@example.com")
+    groups = [Group.objects.create(name=f"g{i}") for i in range(4)]
+    for group in reversed(groups):
+        user.groups.add(group)
+    perms = list(Permission.objects.order_by("-pk")[:3])
+    user.user_permissions.add(*perms)
+    run("copy_users")
+    out, _ = run("copy_users")
+    assert "Nothing to do" in out  # the joined and the per-row digests agree
+    User.objects.filter(pk=user.pk).update(full_name="Changed")
+    run("copy_users")  # not a conflict: the new side was not changed
+    assert NewUser.objects.get(pk=user.pk).full_name == "Changed"
+
+
+def test_digests_do_not_depend_on_the_session_time_zone(run, synced):
+    if connection.vendor != "postgresql":
+        pytest.skip("SQLite has no session time zone")
+    alice, _ = synced
+    User.objects.filter(pk=alice.pk).update(last_login=datetime(2025, 1, 1, tzinfo=UTC))
+    with connection.cursor() as cursor:
+        cursor.execute("SET TIME ZONE 'Asia/Kathmandu'")
+    run("copy_users")  # a legacy change, not a conflict
+    assert NewUser.objects.get(pk=alice.pk).last_login == datetime(2025, 1, 1, tzinfo=UTC)
+
+
+def test_an_unusable_report_directory_ends_in_one_line(run, settings, tmp_path):
+    (tmp_path / "file").write_text("")
+    settings.REPORT_DIR = tmp_path / "file" / "reports"
+    make_legacy("a", "a@example.com")
+    with pytest.raises(CommandError, match="set REPORT_DIR to a directory"):
+        run("copy_users")
+
+
+def test_a_refused_first_copy_still_moves_the_sequence_past_legacy_ids(run):
+    if connection.vendor != "postgresql":
+        pytest.skip("SQLite rolls its id counter back with the refused copy")
+    make_legacy("good", "good@example.com", id=10)
+    make_legacy("bad", "not-an-email", id=500)
+    with pytest.raises(CommandError):
+        run("copy_users")
+    assert NewUser.objects.create_user("signup", "signup@example.com", "pw").pk > 500
