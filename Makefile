@@ -13,7 +13,8 @@ dotenv = $(or $(shell sed -n 's/^$(1)=//p' .env 2>/dev/null | tail -n 1),$(2))
 POSTGRES_USER ?= $(call dotenv,POSTGRES_USER,postgres)
 POSTGRES_PASSWORD ?= $(call dotenv,POSTGRES_PASSWORD,postgres)
 POSTGRES_DB ?= $(call dotenv,POSTGRES_DB,accounts)
-POSTGRES_PORT ?= $(call dotenv,POSTGRES_PORT,5432)
+POSTGRES_PORT ?= $(call dotenv,POSTGRES_PORT,5433)
+PORT ?= $(call dotenv,PORT,8000)
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo test lint format check-migrations run migrate populate check-data \
@@ -102,24 +103,28 @@ bench-backup: install ## Benchmark backup/restore against dumpdata and COPY: mak
 	$(PY) bench/bench_backup.py $(N)
 
 POSTGRES_CONTAINER ?= accounts-postgres
+POSTGRES_VOLUME ?= accounts-pgdata
 POSTGRES_IMAGE ?= postgres:15-bookworm
 
-postgresDBContainer: ## Start PostgreSQL in Docker (user, password, database, port from .env) and wait for it
+postgresDBContainer: ## Start PostgreSQL in Docker on 127.0.0.1:POSTGRES_PORT (settings from .env) and wait for it
 	@scripts/require-docker.sh
+	@POSTGRES_PORT="$(POSTGRES_PORT)" scripts/check-ports.sh --container $(POSTGRES_CONTAINER) POSTGRES_PORT
 	@docker start $(POSTGRES_CONTAINER) >/dev/null 2>&1 || docker run -d --name $(POSTGRES_CONTAINER) \
 	    -e POSTGRES_USER="$(POSTGRES_USER)" -e POSTGRES_PASSWORD="$(POSTGRES_PASSWORD)" \
-	    -e POSTGRES_DB="$(POSTGRES_DB)" -p "$(POSTGRES_PORT):5432" \
-	    -v accounts-pgdata:/var/lib/postgresql/data $(POSTGRES_IMAGE) >/dev/null
+	    -e POSTGRES_DB="$(POSTGRES_DB)" -p "127.0.0.1:$(POSTGRES_PORT):5432" \
+	    -v $(POSTGRES_VOLUME):/var/lib/postgresql/data $(POSTGRES_IMAGE) >/dev/null
 	@for i in $$(seq 60); do \
-	    docker exec $(POSTGRES_CONTAINER) pg_isready -q -U "$(POSTGRES_USER)" -d "$(POSTGRES_DB)" && \
+	    docker exec $(POSTGRES_CONTAINER) pg_isready -q -h 127.0.0.1 -U "$(POSTGRES_USER)" -d "$(POSTGRES_DB)" && \
 	    { echo "PostgreSQL is ready: DATABASE_URL=postgres://$(POSTGRES_USER):…@127.0.0.1:$(POSTGRES_PORT)/$(POSTGRES_DB)"; exit 0; }; \
 	    sleep 1; done; echo "PostgreSQL did not accept connections within 60 s: docker logs $(POSTGRES_CONTAINER)"; exit 1
 
-up: ## Build and start the whole stack (db + web) with Docker Compose
+up: ## Build and start the stack (db + web) with Docker Compose, wait until healthy, print the URL
 	@scripts/require-docker.sh
+	@PORT="$(PORT)" POSTGRES_PORT="$(POSTGRES_PORT)" scripts/check-ports.sh --compose PORT POSTGRES_PORT
 	docker compose up -d --build --wait
+	@echo "The stack is up: http://127.0.0.1:$(PORT)/ (make logs follows it, make down stops it)."
 
-down: ## Stop the stack (the database volume is kept)
+down: ## Stop the stack (the database, backups and reports volumes are kept)
 	@scripts/require-docker.sh
 	docker compose down
 

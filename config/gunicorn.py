@@ -8,3 +8,6 @@ workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 accesslog = "-"
 errorlog = "-"
 timeout = 60
+# No control socket (gunicorn >= 25 opens one in $HOME/.gunicorn for `gunicornc`): the
+# container is managed by compose, and the app user cannot write to its home, /app.
+control_socket_disable = True

@@ -1,10 +1,11 @@
-"""Docker cannot run here: lint the Dockerfile, validate the compose file, and run the
-container's entrypoint and exact gunicorn command on the host against the test database."""
+"""The Docker files without an engine: lint the Dockerfile, validate the compose file, run the
+container's entrypoint and exact gunicorn command on the host against the test database, and
+the refusals of compose and the Make targets. test_compose_stack.py runs the real stack."""
 
 import json
+import os
 import re
 import secrets
-import shutil
 import socket
 import subprocess
 import sys
@@ -146,14 +147,76 @@ def test_check_deploy_is_clean_with_the_container_settings(tmp_path):
 
 
 def test_docker_targets_say_in_one_line_when_there_is_no_engine():
-    if (
-        shutil.which("docker")
-        and subprocess.run(["docker", "info"], capture_output=True).returncode == 0
-    ):
-        pytest.skip("a Docker engine is running here")
+    env = {**os.environ, "DOCKER_HOST": "unix:///nonexistent/docker.sock"}
     proc = subprocess.run(
-        ["make", "-s", "postgresDBContainer"], cwd=ROOT, capture_output=True, text=True
+        ["make", "-s", "postgresDBContainer"], cwd=ROOT, env=env, capture_output=True, text=True
     )
     assert proc.returncode != 0
     assert "SQLite default" in proc.stderr and "DATABASE_URL" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) <= 2  # the line, and make's own note
+
+
+def test_every_healthcheck_is_a_shell_command_both_engines_run():
+    # Podman's Docker API splits ["CMD", ...] arguments on spaces; CMD-SHELL runs the same.
+    for name, service in compose()["services"].items():
+        assert service["healthcheck"]["test"][0] == "CMD-SHELL", name
+
+
+def test_the_published_database_port_is_not_5432_and_the_same_everywhere():
+    example = re.search(r"^POSTGRES_PORT=(\d+)$", (ROOT / ".env.example").read_text(), re.M)
+    makefile = re.search(r"call dotenv,POSTGRES_PORT,(\d+)", (ROOT / "Makefile").read_text())
+    (published,) = compose()["services"]["db"]["ports"]
+    in_compose = re.search(r"\$\{POSTGRES_PORT:-(\d+)\}", published)
+    assert example[1] == makefile[1] == in_compose[1] != "5432"
+    assert published.startswith("127.0.0.1:")
+
+
+def test_the_port_check_names_a_port_in_use_and_the_variable_to_change():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "PORT": str(port), "POSTGRES_PORT": str(_free_port())}
+        proc = subprocess.run(
+            [ROOT / "scripts/check-ports.sh", "--compose", "POSTGRES_PORT", "PORT"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert_clean_failure(proc, f"Port {port} on 127.0.0.1 is already in use: set PORT in .env")
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_the_port_check_passes_free_ports():
+    env = {**os.environ, "PORT": str(_free_port()), "POSTGRES_PORT": str(_free_port())}
+    proc = subprocess.run(
+        [ROOT / "scripts/check-ports.sh", "--compose", "POSTGRES_PORT", "PORT"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_the_port_check_refuses_a_value_that_is_not_a_port():
+    env = {**os.environ, "PORT": "80OO"}
+    proc = subprocess.run(
+        [ROOT / "scripts/check-ports.sh", "--compose", "PORT"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert_clean_failure(proc, "PORT=80OO is not a port number: set PORT in .env")
+
+
+@pytest.mark.parametrize("missing", ["SECRET_KEY", "POSTGRES_PASSWORD"])
+def test_compose_refuses_to_start_without_a_secret_and_names_it(missing, tmp_path):
+    if subprocess.run(["docker", "compose", "version"], capture_output=True).returncode != 0:
+        if os.environ.get("REQUIRE_DOCKER") == "1":
+            pytest.fail("REQUIRE_DOCKER=1 but `docker compose` is not installed", pytrace=False)
+        pytest.skip("`docker compose` (Compose v2) is not installed")
+    values = {"SECRET_KEY": "s" * 50, "POSTGRES_PASSWORD": "p" * 16}
+    env_file = tmp_path / ".env"
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in values.items() if k != missing))
+    env = {k: v for k, v in os.environ.items() if k not in values}
+    proc = subprocess.run(
+        ["docker", "compose", "--env-file", env_file, "config"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert_clean_failure(
+        proc, f"required variable {missing} is missing a value: set {missing} in .env"
+    )
