@@ -15,4 +15,4 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from config.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    main(["manage.py", "restore_accounts", *sys.argv[1:]])
+    main(["scripts/restore.py", "restore_accounts", *sys.argv[1:]])
