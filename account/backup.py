@@ -307,15 +307,14 @@ def remove_stale_partials(directory: Path) -> list[Path]:
             continue
         try:
             fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            continue
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            continue  # a backup is writing it
-        else:
-            path.unlink(missing_ok=True)
+            path.unlink()
             removed.append(path)
+        except OSError:
+            continue  # locked: a backup is writing it (or gone, or not ours to remove)
         finally:
             os.close(fd)
     return removed
@@ -362,7 +361,7 @@ def backup(*, directory, output=None, compress: bool = True, progress=None) -> O
     directory = final.parent
     partial = directory / f".{final.name}.partial"
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)  # only if new
         remove_stale_partials(directory)
         full = _create_partial(partial)
     except OSError as exc:
