@@ -79,7 +79,9 @@ def test_rights_survive_a_restore_into_a_database_with_other_permission_ids(
     assert all(theirs[key] != ours[key] for key in ours)  # every id names another permission
     proc = manage("restore_accounts", str(backup_file), url=url)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    restored = json.loads(shell(url, "from account.tests.backup_helpers import print_rights as p; p()"))
+    restored = json.loads(
+        shell(url, "from account.tests.backup_helpers import print_rights as p; p()")
+    )
     assert restored == json.loads(json.dumps(rights()))
     assert len(restored) == 3 and len(restored["admin log"]) == 3
 

@@ -85,9 +85,7 @@ def test_a_killed_backup_leaves_only_a_private_partial_file_the_next_backup_remo
     assert path.name.startswith("accounts-") and readable_by_others(tmp_path) == []
 
 
-def test_a_killed_restore_changes_nothing_and_the_next_restore_succeeds(
-    many_users, run, tmp_path
-):
+def test_a_killed_restore_changes_nothing_and_the_next_restore_succeeds(many_users, run, tmp_path):
     path = tmp_path / "backup.jsonl.gz"
     run("backup_accounts", "--output", str(path))
     backed_up = fingerprint()
