@@ -53,7 +53,7 @@ from django.apps import apps
 from django.conf import settings
 from django.contrib.auth.models import Group, Permission
 from django.contrib.contenttypes.models import ContentType
-from django.db import connection, transaction
+from django.db import DataError, IntegrityError, connection, transaction
 from django.db.migrations.recorder import MigrationRecorder
 from django.db.models import Case, When
 from django.db.models.functions import JSONArray
@@ -364,8 +364,14 @@ def backup(*, directory, output=None, compress: bool = True, progress=None) -> O
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)  # only if new
         remove_stale_partials(directory)
         full = _create_partial(partial)
+    except FileExistsError:
+        raise BackupError(
+            f"Another backup is writing {final} now: wait for it, or choose another --output."
+        ) from None
     except OSError as exc:
-        raise BackupError(f"Cannot write a backup into {directory}: {exc.strerror}.") from exc
+        raise BackupError(
+            f"Cannot write a backup into {directory}: {exc.strerror or exc}."
+        ) from exc
     outcome = Outcome(path=final)
     digest = hashlib.sha256()
     write_rows = _rows_postgresql if connection.vendor == "postgresql" else _rows_orm
@@ -422,7 +428,7 @@ def backup(*, directory, output=None, compress: bool = True, progress=None) -> O
                     f"{final} already exists; a backup never overwrites a file."
                 ) from None
     except OSError as exc:
-        raise BackupError(f"Cannot write the backup {final}: {exc.strerror}.") from exc
+        raise BackupError(f"Cannot write the backup {final}: {exc.strerror or exc}.") from exc
     finally:
         partial.unlink(missing_ok=True)
     _fsync_directory(directory)
@@ -471,6 +477,17 @@ def read_manifest(path) -> dict:
             f"{path} is backup format version {manifest.get('version')!r}; this app reads "
             f"version {VERSION} only (restore it with the version of the app that made it)."
         )
+    parts = {"tables": dict, "migrations": dict, "natural_keys": dict, "sha256": str}
+    broken = [key for key, kind in parts.items() if not isinstance(manifest.get(key), kind)]
+    broken += [
+        f"tables.{name}"
+        for name, spec in manifest.get("tables", {}).items()
+        if not isinstance(spec, dict)
+        or not isinstance(spec.get("rows"), int)
+        or not isinstance(spec.get("columns"), list)
+    ]
+    if broken:
+        raise BackupError(f"{path} has a damaged manifest (see {broken[0]}); nothing was restored.")
     return manifest
 
 
@@ -641,6 +658,39 @@ class _Loader:
         self.ids = {model: _target_keys(model) for model in (Permission, ContentType)}
         self.group_ids: list[int] = []
 
+    def run(self) -> None:
+        """Everything a restore writes, in one transaction, checked before it commits."""
+        plan = self.plan
+        by_name = {t.name: t for t in plan.tables}
+        # COPY goes through psycopg's cursor: let Django name its errors (IntegrityError, ...).
+        with transaction.atomic(), connection.wrap_database_errors:
+            # Load into bare tables, then build indexes and constraints once (and check them).
+            with indexes_built_after([t.model for t in plan.emptied]):
+                if plan.replace:
+                    with connection.cursor() as cursor:
+                        for table in reversed(plan.emptied):
+                            cursor.execute(f"DELETE FROM {connection.ops.quote_name(table.name)}")
+                with _open_in(plan.path) as f:
+                    records = (orjson.loads(line) for line in _data_lines(f))
+                    # Lines come table after table: one streamed COPY (or bulk_create) per table.
+                    for name, group in groupby(records, key=itemgetter("t")):
+                        table = by_name.get(name)
+                        first = next(group)
+                        if table is None or list(first["r"]) != table.columns:
+                            raise BackupError(
+                                f"{plan.path}: the rows of {name} do not match its columns; "
+                                "nothing was restored."
+                            )
+                        # Rows are written with their columns in the manifest's order.
+                        self.load(table, (tuple(r["r"].values()) for r in chain([first], group)))
+            reset_sequences([t.model for t in plan.tables])
+            for table in plan.tables:
+                if self.count(table) != plan.rows[table.name]:
+                    raise BackupError(
+                        f"After restoring, {table.name} does not hold the "
+                        f"{plan.rows[table.name]} rows of the backup; rolled back."
+                    )
+
     def load(self, table: Table, rows) -> None:
         if table.model is Group:
             self._merge_groups([name for (name,) in rows])
@@ -705,35 +755,13 @@ def restore(path, *, replace=False, progress=None) -> Outcome:
         raise BackupError(plan.problems[0])
     if progress:
         progress.start(sum(plan.rows[t.name] for t in plan.tables))
-    loader = _Loader(plan, progress)
-    by_name = {t.name: t for t in plan.tables}
-    with transaction.atomic():
-        # Load into bare tables, then build indexes and constraints once (and check them).
-        with indexes_built_after([t.model for t in plan.emptied]):
-            if replace:
-                with connection.cursor() as cursor:
-                    for table in reversed(plan.emptied):
-                        cursor.execute(f"DELETE FROM {connection.ops.quote_name(table.name)}")
-            with _open_in(plan.path) as f:
-                records = (orjson.loads(line) for line in _data_lines(f))
-                # Lines come table after table: one streamed COPY (or bulk_create) per table.
-                for name, group in groupby(records, key=itemgetter("t")):
-                    table = by_name.get(name)
-                    first = next(group)
-                    if table is None or list(first["r"]) != table.columns:
-                        raise BackupError(
-                            f"{plan.path}: the rows of {name} do not match its columns; "
-                            "nothing was restored."
-                        )
-                    # Rows are written with their columns in the manifest's order.
-                    loader.load(table, (tuple(r["r"].values()) for r in chain([first], group)))
-        reset_sequences([t.model for t in plan.tables])
-        for table in plan.tables:
-            if loader.count(table) != plan.rows[table.name]:
-                raise BackupError(
-                    f"After restoring, {table.name} does not hold the {plan.rows[table.name]} "
-                    "rows of the backup; rolled back."
-                )
+    try:
+        _Loader(plan, progress).run()
+    except (IntegrityError, DataError, orjson.JSONDecodeError) as exc:
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise BackupError(
+            f"{plan.path} could not be loaded ({first_line}); rolled back, nothing was restored."
+        ) from exc
     outcome = Outcome(path=plan.path, rows={t.name: plan.rows[t.name] for t in plan.tables})
     outcome.seconds = time.perf_counter() - started
     return outcome

@@ -2,6 +2,7 @@
 
 import fcntl
 import gzip
+import hashlib
 import os
 import stat
 import subprocess
@@ -160,12 +161,17 @@ def _foreign(path):
     path.write_bytes(b'{"model": "auth.user", "pk": 1}\n')
 
 
+def _manifest_without_counts(path):
+    _rewrite_manifest(path, lambda manifest: manifest["tables"]["account_user"].pop("rows"))
+
+
 DAMAGES = [
     (_corrupt_byte, "corrupted or truncated"),
     (_truncate, "corrupted or truncated"),
     (_other_version, "format version 1"),
     (_foreign, "not an account backup"),
     (lambda p: p.unlink(), "No backup file"),
+    (_manifest_without_counts, "damaged manifest"),
 ]
 
 
@@ -190,6 +196,24 @@ def test_a_dry_run_refuses_a_damaged_file(run, populated, settings, damage, mess
     damage(path)
     with pytest.raises(CommandError, match=message):
         run("restore_accounts", str(path), "--dry-run")
+
+
+def test_a_forged_file_that_breaks_a_constraint_is_rolled_back_in_one_line(
+    run, populated, settings
+):
+    path = backup_path(run, settings, "--no-gzip")
+    manifest, *lines = path.read_bytes().splitlines(keepends=True)
+    duplicate = next(line for line in lines if b'"account_newuser"' in line)
+    lines.insert(lines.index(duplicate), duplicate)  # the same user twice, checksum made anew
+    manifest = orjson.loads(manifest)
+    manifest["tables"]["account_newuser"]["rows"] += 1
+    manifest["sha256"] = hashlib.sha256(b"".join(lines)).hexdigest()
+    path.write_bytes(orjson.dumps(manifest) + b"\n" + b"".join(lines))
+    wipe()
+    before = everything()
+    with pytest.raises(CommandError, match="could not be loaded .*; rolled back"):
+        run("restore_accounts", str(path))
+    assert everything() == before
 
 
 def test_restore_refuses_tables_with_rows_unless_replace(run, populated, settings):
