@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Restore the account tables from a backup made by scripts/backup.py.
 
-Usage: scripts/restore.py FILE [--replace] [--dry-run]
+Usage: scripts/restore.py FILE [--replace] [--dry-run] [-v {0,1,2}]
 
 A thin entry point over `manage.py restore_accounts`, used by `make restore FILE=...`.
-The file's manifest and checksum are checked before anything is written.
+The file and this database are checked before anything is written; `--dry-run` reports what
+a restore would do (exit status 0 when the file is intact). Every refusal is one line.
 """
 
 import sys
