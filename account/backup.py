@@ -1,25 +1,47 @@
 """Back up the account tables to JSON Lines and restore them: streaming, checksummed, verified.
 
-File format (version 1), optionally gzip-compressed (`.jsonl.gz`):
+File format (version 2), optionally gzip-compressed (`.jsonl.gz`):
 
-    line 1:  the manifest: {"format": "account-backup", "version": 1, "created_at": ...,
-             "migrations": {app: [applied migration names]}, "tables": {table: {"columns":
-             [...], "rows": N}}, "sha256": hex digest of every line after this one}
+    line 1:  the manifest: {"format": "account-backup", "version": 2, "created_at": ...,
+             "user_model": AUTH_USER_MODEL, "migrations": {app: [applied migration names]},
+             "tables": {table: {"columns": [...], "rows": N}},
+             "natural_keys": {"auth.permission": [[app_label, model, codename], ...],
+                              "contenttypes.contenttype": [[app_label, model], ...],
+                              "auth.group": [[name], ...]},
+             "sha256": hex digest of every line after this one}
     then:    one line per row, table after table: {"t": "account_user", "r": {column: value}}
 
-The data lines are written to a temporary file first (hashing them on the way), then the
-manifest and the data are written under a temporary name that is renamed to the final,
-timestamped name only when complete: a killed backup leaves no file under a final name.
-Restore checks the manifest and the checksum before it writes anything, then loads every
-table in one transaction and compares the row counts before committing.
+Ids that differ from one database to the next are never written. Permission and content type
+ids depend on the order apps were migrated in, so a link to a permission holds its natural key,
+`"permission_key": ["account", "newuser", "view_newuser"]`, an admin log entry holds
+`"content_type_key": ["account", "newuser"]`, and groups are rows `{"name": "editors"}` that
+links name as `"group_key": ["editors"]` (Django's `natural_key()`, as `dumpdata
+--natural-foreign` writes them). Link rows carry no id of their own: nothing refers to it.
+Users and the rows hanging off them keep their ids: sessions and other tables hold them.
+
+Backup: one repeatable-read snapshot; the rows go to an unnamed temporary file (hashed on the
+way), then the manifest and the rows to `.NAME.partial` (mode 0600, locked while written), which
+is linked to the final, timestamped name only when complete; the directory is then fsynced. A
+killed backup leaves only its `.partial` file, which the next backup into that directory removes
+(a partial file still locked belongs to a backup that is running and is left alone).
+
+Restore: checks the manifest, the checksum and this database (migrations, columns, every
+permission and content type the file names, rows in the way, other tables pointing at the
+rows it would delete) before it writes anything, then loads every table in one transaction:
+groups are matched by name (created when missing, their permissions replaced), every other
+table is emptied (--replace) and loaded, and the row counts are compared before committing.
 """
 
+import fcntl
 import gzip
 import hashlib
 import os
+import re
 import shutil
+import tempfile
 import time
 import zlib
+from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import chain, groupby
@@ -27,25 +49,99 @@ from operator import itemgetter
 from pathlib import Path
 
 import orjson
-from django.contrib.auth.models import Group
-from django.core.management.base import CommandError
-from django.db import connection, transaction
+from django.apps import apps
+from django.conf import settings
+from django.contrib.auth.models import Group, Permission
+from django.contrib.contenttypes.models import ContentType
+from django.db import DataError, IntegrityError, connection, transaction
 from django.db.migrations.recorder import MigrationRecorder
+from django.db.models import Case, When
+from django.db.models.functions import JSONArray
 
 from .dbutil import indexes_built_after, insert_rows, reset_sequences
 from .models import Activity, Address, NewUser, Notification, OperationLog, Profile, User
+from .progress import progress
 
 FORMAT = "account-backup"
-VERSION = 1
-APPS = ("account", "auth")
+VERSION = 2
+APPS = ("account", "auth", "admin")
 GZIP_MAGIC = b"\x1f\x8b"
+# The partial files a backup writes (and `.NAME.data.partial`, from format 1).
+PARTIAL = re.compile(r"^\..+\.jsonl(\.gz)?(\.data)?\.partial$")
+
+# Models stored by natural key (the lookups of Django's `natural_key()`), not by id.
+NATURAL_KEYS = {
+    Permission: ("content_type__app_label", "content_type__model", "codename"),
+    ContentType: ("app_label", "model"),
+    Group: ("name",),
+}
+
+
+class BackupError(Exception):
+    """The backup or restore refused or failed; the message says why and what to do."""
+
+
+class Table:
+    """One table of a backup: which columns it writes, and how they map back to a database.
+
+    A foreign key to a model in NATURAL_KEYS is written as `<field>_key` holding the related
+    row's natural key. The id of a link (many-to-many) row or of a group is not written.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.name = model._meta.db_table
+        self.label = model._meta.label_lower
+        # The tables of the account and auth apps exist once account 0001 is applied; the
+        # admin log only after `migrate admin` (a table that does not exist holds no rows).
+        self.required = model._meta.app_label in ("account", "auth")
+        # Groups are matched by name: other tables (of other apps) may point at them.
+        self.merged = model is Group or model is Group.permissions.through
+        drop_id = model._meta.auto_created or model in NATURAL_KEYS
+        self.plain, self.keyed = [], {}
+        for f in model._meta.concrete_fields:
+            if f.primary_key and drop_id:
+                continue
+            if f.is_relation and f.related_model in NATURAL_KEYS:
+                self.keyed[f"{f.name}_key"] = f
+            else:
+                self.plain.append(f.attname)
+        self.columns = self.plain + list(self.keyed)
+        # What the file's columns are written into.
+        self.target_columns = self.plain + [f.attname for f in self.keyed.values()]
+
+    def __repr__(self):
+        return f"Table({self.name})"
+
+    def queryset(self):
+        """The rows as the file holds them: one query, natural keys joined in, by primary key."""
+        keys = {}
+        for column, f in self.keyed.items():
+            key = JSONArray(*[f"{f.name}__{lookup}" for lookup in NATURAL_KEYS[f.related_model]])
+            if f.null:  # null, not [null, null]
+                key = Case(When(**{f"{f.attname}__isnull": True}, then=None), default=key)
+            keys[column] = key
+        return self.model._default_manager.order_by("pk").values(*self.plain, **keys)
+
+    def keys_used(self) -> dict[str, set]:
+        """The natural keys of the rows this table's rows point at (and its own, for groups)."""
+        used = defaultdict(set)
+        if self.model in NATURAL_KEYS:
+            used[self.label] |= set(self.model.objects.values_list(*NATURAL_KEYS[self.model]))
+        for f in self.keyed.values():
+            lookups = [f"{f.name}__{lookup}" for lookup in NATURAL_KEYS[f.related_model]]
+            rows = self.model.objects.filter(**{f"{f.attname}__isnull": False})
+            used[f.related_model._meta.label_lower] |= set(
+                rows.values_list(*lookups).distinct().order_by()
+            )
+        return used
 
 
 def backed_up_models() -> list:
-    """Every table a backup holds, in an order that restores without foreign key errors."""
+    """Every model a backup holds, in an order that restores without foreign key errors."""
     through = [m._meta.get_field(n).remote_field.through for m in (User, NewUser)
                for n in ("groups", "user_permissions")]  # fmt: skip
-    return [
+    models = [
         Group,
         Group.permissions.through,
         User,
@@ -59,14 +155,16 @@ def backed_up_models() -> list:
         Activity,
         Notification,
     ]
+    if apps.is_installed("django.contrib.admin"):
+        # The admin log points at users (AUTH_USER_MODEL): it goes and comes back with them.
+        from django.contrib.admin.models import LogEntry
+
+        models.append(LogEntry)
+    return models
 
 
-def columns(model) -> list[str]:
-    return [f.attname for f in model._meta.concrete_fields]
-
-
-class BackupError(CommandError):
-    """The backup or restore refused or failed; the message says why and what to do."""
+def tables() -> list[Table]:
+    return [Table(model) for model in backed_up_models()]
 
 
 @dataclass
@@ -98,61 +196,156 @@ class Outcome:
         )
 
 
+class Progress:
+    """Progress of a backup or restore: a bar on a terminal, or at verbosity 2 a line per tenth.
+
+    The lines (on stdout) are for logs and pipes, where no bar is shown; a test that kills a run
+    mid-way waits for one.
+    """
+
+    def __init__(self, label: str, *, verbosity: int, stdout=None):
+        self.label, self.stdout = label, stdout
+        self.lines = verbosity >= 2 and stdout is not None
+        self.bar = progress(None, label, verbosity=0 if self.lines else verbosity)
+        self.total = self.done = self.next_line = 0
+
+    def start(self, total: int) -> None:
+        self.total = total
+        self.next_line = total / 10
+        self.bar.reset(total=total)
+
+    def update(self, n: int) -> None:
+        self.bar.update(n)
+        self.done += n
+        if self.lines and self.total and self.next_line <= self.done < self.total:
+            self.stdout.write(
+                f"  {self.label}: {self.done:,} of {self.total:,} rows "
+                f"({100 * self.done // self.total}%)"
+            )
+            self.stdout.flush()
+            self.next_line = (self.done * 10 // self.total + 1) * self.total / 10
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def applied_migrations() -> dict[str, list[str]]:
     recorder = MigrationRecorder(connection)
     applied = sorted(recorder.applied_migrations())
     return {app: [name for a, name in applied if a == app] for app in APPS}
 
 
+def existing_tables() -> set[str]:
+    with connection.cursor() as cursor:
+        return set(connection.introspection.table_names(cursor))
+
+
 # --- backup ---------------------------------------------------------------------------------
 
+EVERY = 10_000  # rows between progress reports
 
-def _rows_postgresql(model, out, digest) -> int:
+
+def _rows_postgresql(table: Table, out, digest, on_rows) -> int:
     """Let PostgreSQL write the JSON (COPY ... TO STDOUT): the fastest path, memory flat."""
-    qn = connection.ops.quote_name
-    table = model._meta.db_table
-    cols = ", ".join(qn(c) for c in columns(model))
+    query, params = table.queryset().query.sql_with_params()
     # CSV with a quote and a delimiter that JSON never contains: each line is the JSON as is.
     sql = (
-        f"COPY (SELECT json_build_object('t', %s, 'r', row_to_json(x)) FROM "
-        f"(SELECT {cols} FROM {qn(table)} ORDER BY {qn(model._meta.pk.column)}) x) "
+        f"COPY (SELECT json_build_object('t', %s::text, 'r', row_to_json(x)) FROM ({query}) x) "
         "TO STDOUT WITH (FORMAT csv, QUOTE E'\\x01', DELIMITER E'\\x02')"
     )
-    n = 0
-    with connection.cursor() as cursor, cursor.cursor.copy(sql, [table]) as copy:
+    n = reported = 0
+    with connection.cursor() as cursor, cursor.cursor.copy(sql, [table.name, *params]) as copy:
         for chunk in copy:
             data = bytes(chunk)
             digest.update(data)
             out.write(data)
             n += data.count(b"\n")
+            if n - reported >= EVERY:
+                on_rows(n - reported)
+                reported = n
+    on_rows(n - reported)
     return n
 
 
-def _rows_orm(model, out, digest, chunk_size=5000) -> int:
-    table = model._meta.db_table
-    cols = columns(model)
+def _rows_orm(table: Table, out, digest, on_rows, chunk_size=5000) -> int:
     n = 0
-    rows = model.objects.order_by("pk").values_list(*cols).iterator(chunk_size=chunk_size)
-    for values in rows:
-        line = orjson.dumps({"t": table, "r": dict(zip(cols, values, strict=True))}, default=str)
-        line += b"\n"
+    for n, row in enumerate(table.queryset().iterator(chunk_size=chunk_size), 1):
+        line = orjson.dumps({"t": table.name, "r": row}, default=str) + b"\n"
         digest.update(line)
         out.write(line)
-        n += 1
+        if n % EVERY == 0:
+            on_rows(EVERY)
+    on_rows(n % EVERY)
     return n
 
 
-def _open_out(path: Path, compress: bool):
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    raw = open(fd, "wb")  # noqa: SIM115
-    return gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1) if compress else raw, raw
+def tables_to_back_up() -> tuple[list[Table], list[Table]]:
+    """(the tables there are, the optional tables not created yet); refuses an unmigrated one."""
+    existing = existing_tables()
+    everything = tables()
+    missing = [t.name for t in everything if t.required and t.name not in existing]
+    if missing:
+        raise BackupError(
+            f"Nothing to back up: this database has no {missing[0]} table (its migrations were "
+            "never applied). Migrate it first: python manage.py migrate (or make populate)."
+        )
+    return (
+        [t for t in everything if t.name in existing],
+        [t for t in everything if t.name not in existing],
+    )
 
 
-def backup(*, directory, output=None, compress: bool = True, on_progress=None) -> Outcome:
+def remove_stale_partials(directory: Path) -> list[Path]:
+    """Remove the partial files killed backups left in `directory`; returns what was removed.
+
+    A backup holds an exclusive lock on its partial file while it writes it: a file that can be
+    locked belongs to no running backup.
+    """
+    removed = []
+    for path in sorted(directory.iterdir()) if directory.is_dir() else []:
+        if not PARTIAL.match(path.name) or not path.is_file():
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            path.unlink()
+            removed.append(path)
+        except OSError:
+            continue  # locked: a backup is writing it (or gone, or not ours to remove)
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _create_partial(path: Path):
+    """Create `path` (mode 0600, never over a file) locked for as long as it stays open."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    # Another backup's clean-up may have taken the lock first, between open() and flock().
+    if not path.exists() or os.stat(path).st_ino != os.fstat(fd).st_ino:
+        os.close(fd)
+        raise BackupError(f"{path} was removed by another backup as it started; run it again.")
+    return open(fd, "w+b")  # noqa: SIM115
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the new name (and the removed partial one) durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def backup(*, directory, output=None, compress: bool = True, progress=None) -> Outcome:
     """Write every account table to a new backup file; returns what it wrote.
 
     The file is `directory/accounts-<UTC timestamp>.jsonl[.gz]` unless `output` names one;
-    an existing file is never overwritten.
+    an existing file is never overwritten. `progress` (a Progress) is told the total, then
+    the rows as they are written.
     """
     started = time.perf_counter()
     if output:
@@ -163,59 +356,82 @@ def backup(*, directory, output=None, compress: bool = True, on_progress=None) -
         final = Path(directory) / f"accounts-{stamp}.jsonl{'.gz' if compress else ''}"
     if final.exists():
         raise BackupError(f"{final} already exists; a backup never overwrites a file.")
+    on_rows = progress.update if progress else lambda n: None
+    present, absent = tables_to_back_up()
     directory = final.parent
-    directory.mkdir(parents=True, exist_ok=True)
-    data_tmp = directory / f".{final.name}.data.partial"
-    full_tmp = directory / f".{final.name}.partial"
+    partial = directory / f".{final.name}.partial"
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)  # only if new
+        remove_stale_partials(directory)
+        full = _create_partial(partial)
+    except FileExistsError:
+        raise BackupError(
+            f"Another backup is writing {final} now: wait for it, or choose another --output."
+        ) from None
+    except OSError as exc:
+        raise BackupError(
+            f"Cannot write a backup into {directory}: {exc.strerror or exc}."
+        ) from exc
     outcome = Outcome(path=final)
     digest = hashlib.sha256()
     write_rows = _rows_postgresql if connection.vendor == "postgresql" else _rows_orm
     try:
-        # One snapshot for every table, so links and users agree.
-        nested = connection.in_atomic_block
-        with transaction.atomic():
-            if connection.vendor == "postgresql" and not nested:
-                with connection.cursor() as cursor:
-                    cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            migrations = applied_migrations()
-            out, raw = _open_out(data_tmp, compress)
-            with raw, out:
-                for model in backed_up_models():
-                    n = write_rows(model, out, digest)
-                    outcome.rows[model._meta.db_table] = n
-                    if on_progress:
-                        on_progress(n)
-        manifest = {
-            "format": FORMAT,
-            "version": VERSION,
-            "created_at": datetime.now(UTC).isoformat(),
-            "database": connection.vendor,
-            "migrations": migrations,
-            "tables": {
-                m._meta.db_table: {"columns": columns(m), "rows": outcome.rows[m._meta.db_table]}
-                for m in backed_up_models()
-            },
-            "sha256": digest.hexdigest(),
-        }
-        # The manifest first, then the data as it is (gzip members may be concatenated).
-        head, raw = _open_out(full_tmp, compress)
-        with raw:
+        with full, tempfile.TemporaryFile(dir=directory) as data:  # unnamed: a kill leaves none
+            # One snapshot for every table, so links and users agree.
+            nested = connection.in_atomic_block
+            with transaction.atomic():
+                if connection.vendor == "postgresql" and not nested:
+                    with connection.cursor() as cursor:
+                        cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                migrations = applied_migrations()
+                if progress:
+                    progress.start(sum(t.model.objects.count() for t in present))
+                out = gzip.GzipFile(fileobj=data, mode="wb", compresslevel=1) if compress else data
+                for table in present:
+                    outcome.rows[table.name] = write_rows(table, out, digest, on_rows)
+                if out is not data:
+                    out.close()  # ends the gzip member; `data` stays open
+                natural_keys = defaultdict(set)
+                for table in present:
+                    for label, keys in table.keys_used().items():
+                        natural_keys[label] |= keys
+            for table in absent:
+                outcome.rows[table.name] = 0
+            manifest = {
+                "format": FORMAT,
+                "version": VERSION,
+                "created_at": datetime.now(UTC).isoformat(),
+                "database": connection.vendor,
+                "user_model": settings.AUTH_USER_MODEL,
+                "migrations": migrations,
+                "tables": {
+                    t.name: {"columns": t.columns, "rows": outcome.rows[t.name]} for t in tables()
+                },
+                "natural_keys": {
+                    label: sorted(map(list, keys)) for label, keys in sorted(natural_keys.items())
+                },
+                "sha256": digest.hexdigest(),
+            }
+            # The manifest first, then the data as it is (gzip members may be concatenated).
+            head = gzip.GzipFile(fileobj=full, mode="wb", compresslevel=1) if compress else full
             head.write(orjson.dumps(manifest) + b"\n")
-            if head is not raw:
-                head.close()  # ends the manifest's gzip member; `raw` stays open
-            with open(data_tmp, "rb") as data:
-                shutil.copyfileobj(data, raw, 1 << 20)
-            raw.flush()
-            os.fsync(raw.fileno())
-        try:
-            os.link(full_tmp, final)  # never overwrites: fails if the name exists
-        except FileExistsError:
-            raise BackupError(
-                f"{final} already exists; a backup never overwrites a file."
-            ) from None
+            if head is not full:
+                head.close()  # ends the manifest's gzip member; `full` stays open
+            data.seek(0)
+            shutil.copyfileobj(data, full, 1 << 20)
+            full.flush()
+            os.fsync(full.fileno())
+            try:
+                os.link(partial, final)  # never overwrites: fails if the name exists
+            except FileExistsError:
+                raise BackupError(
+                    f"{final} already exists; a backup never overwrites a file."
+                ) from None
+    except OSError as exc:
+        raise BackupError(f"Cannot write the backup {final}: {exc.strerror or exc}.") from exc
     finally:
-        for tmp in (data_tmp, full_tmp):
-            tmp.unlink(missing_ok=True)
+        partial.unlink(missing_ok=True)
+    _fsync_directory(directory)
     outcome.seconds = time.perf_counter() - started
     return outcome
 
@@ -259,8 +475,19 @@ def read_manifest(path) -> dict:
     if manifest.get("version") != VERSION:
         raise BackupError(
             f"{path} is backup format version {manifest.get('version')!r}; this app reads "
-            f"version {VERSION} only."
+            f"version {VERSION} only (restore it with the version of the app that made it)."
         )
+    parts = {"tables": dict, "migrations": dict, "natural_keys": dict, "sha256": str}
+    broken = [key for key, kind in parts.items() if not isinstance(manifest.get(key), kind)]
+    broken += [
+        f"tables.{name}"
+        for name, spec in manifest.get("tables", {}).items()
+        if not isinstance(spec, dict)
+        or not isinstance(spec.get("rows"), int)
+        or not isinstance(spec.get("columns"), list)
+    ]
+    if broken:
+        raise BackupError(f"{path} has a damaged manifest (see {broken[0]}); nothing was restored.")
     return manifest
 
 
@@ -284,80 +511,257 @@ def verify_file(path, manifest) -> dict:
     return {t: spec["rows"] for t, spec in manifest["tables"].items()}
 
 
-def _check_target(manifest, replace):
-    models = {m._meta.db_table: m for m in backed_up_models()}
-    unknown = set(manifest["tables"]) - set(models)
-    if unknown:
-        raise BackupError(f"The backup holds tables this app does not have: {sorted(unknown)}.")
-    for table, spec in manifest["tables"].items():
-        if spec["columns"] != columns(models[table]):
-            raise BackupError(
-                f"The columns of {table} in the backup differ from this database's; "
-                "restore with the version of the app that made it."
+def _shown(keys, n=3) -> str:
+    names = [".".join(k) for k in keys[:n]]
+    return ", ".join(names) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+@dataclass
+class Plan:
+    """What restoring a (valid) file would do to this database, and why it would refuse."""
+
+    path: Path
+    manifest: dict
+    replace: bool
+    rows: dict[str, int]  # the rows of each table in the file
+    here: dict[str, int] = field(default_factory=dict)  # what they replace here (existing tables)
+    problems: list[str] = field(default_factory=list)  # every refusal, most fundamental first
+
+    @property
+    def tables(self) -> list[Table]:
+        """The file's tables this database has, in restore order."""
+        return [t for t in tables() if t.name in self.here]
+
+    @property
+    def emptied(self) -> list[Table]:
+        return [t for t in self.tables if not t.merged]
+
+    @property
+    def group_names(self) -> list[str]:
+        return [name for (name,) in self.manifest["natural_keys"].get("auth.group", [])]
+
+    def rows_here(self, table: Table) -> int:
+        """The rows of `table` a restore replaces: all of them, or those of the file's groups."""
+        if table.model is Group:
+            return Group.objects.filter(name__in=self.group_names).count()
+        if table.merged:
+            return table.model.objects.filter(group__name__in=self.group_names).count()
+        return table.model.objects.count()
+
+    def check(self) -> None:
+        """Fill `here` and `problems`; writes nothing."""
+        manifest, problems = self.manifest, self.problems
+        by_name = {t.name: t for t in tables()}
+        unknown = sorted(set(manifest["tables"]) - set(by_name))
+        if unknown:
+            problems.append(
+                f"The backup holds tables this app does not have ({', '.join(unknown)}): "
+                "restore it with the version of the app that made it."
             )
-    here = applied_migrations()
-    if here.get("account") != manifest["migrations"].get("account"):
-        raise BackupError(
-            "The backup was made at account migrations "
-            f"{manifest['migrations'].get('account')}, this database is at {here.get('account')}: "
-            "migrate this database to the same point first (python manage.py migrate account "
-            "NAME), then restore."
-        )
-    if not replace:
-        busy = [t for t in manifest["tables"] if models[t].objects.exists()]
-        if busy:
-            raise BackupError(
-                f"These tables already hold rows: {', '.join(busy)}. Restore into empty "
-                "tables, or pass --replace to delete their rows first (in the same transaction)."
+            return
+        user_model = manifest.get("user_model")
+        if user_model != settings.AUTH_USER_MODEL:
+            problems.append(
+                f"The backup was made with AUTH_USER_MODEL = {user_model}, this project runs "
+                f"with {settings.AUTH_USER_MODEL}: restore it with the setting it was made with."
+            )
+        theirs, ours = manifest["migrations"].get("account") or [], applied_migrations()["account"]
+        if theirs != ours:
+            target = theirs[-1] if theirs else "zero"
+            problems.append(
+                f"The backup was made at account migration {target}, this database is at "
+                f"{ours[-1] if ours else 'none (never migrated)'}: migrate it to the same point "
+                f"first (python manage.py migrate account {target}), then restore."
+            )
+            return  # the tables may not exist yet: nothing more to compare
+        existing = existing_tables()
+        for name, spec in manifest["tables"].items():
+            table = by_name[name]
+            if name not in existing:
+                if spec["rows"]:
+                    app = table.model._meta.app_label
+                    problems.append(
+                        f"The backup holds {spec['rows']} rows of {name}, a table this database "
+                        f"does not have: python manage.py migrate {app}, then restore."
+                    )
+                continue
+            if spec["columns"] != table.columns:
+                problems.append(
+                    f"The columns of {name} in the backup differ from this database's; "
+                    "restore with the version of the app that made it."
+                )
+                continue
+            self.here[name] = self.rows_here(table)
+        for model, what in ((Permission, "permissions"), (ContentType, "content types")):
+            wanted = manifest["natural_keys"].get(model._meta.label_lower, [])
+            have = set(_target_keys(model)) if wanted else set()
+            missing = [k for k in wanted if tuple(k) not in have]
+            if missing:
+                problems.append(
+                    f"The backup names {len(missing)} {what} this database does not have "
+                    f"({_shown(missing)}): migrate it (python manage.py migrate creates them for "
+                    "every installed app) or install the apps that define them, then restore."
+                )
+        busy = [f"{name} ({n})" for name, n in self.here.items() if n]
+        if busy and not self.replace:
+            problems.append(
+                f"These tables already hold rows: {', '.join(busy)}. Restore into empty tables, "
+                "or pass --replace to replace them (in the same transaction)."
+            )
+        for table, column, target in _referencing(
+            {t.name for t in self.emptied}, existing - set(manifest["tables"])
+        ):
+            problems.append(
+                f"Table {table} points at {target} ({column}) and holds rows that this backup "
+                f"does not hold: a restore would delete the rows they point at. Back {table} up "
+                "and empty it yourself, then restore."
             )
 
 
-def _counted(rows, on_progress, every=10_000):
-    """Pass rows through, reporting progress every `every` rows."""
-    n = 0
-    for n, row in enumerate(rows, 1):  # noqa: B007 (n is used after the loop)
-        yield row
-        if on_progress and n % every == 0:
-            on_progress(every)
-    if on_progress:
-        on_progress(n % every)
+def _target_keys(model) -> dict[tuple, int]:
+    """Natural key -> id, for every row of `model` in this database."""
+    return {tuple(k): pk for *k, pk in model.objects.values_list(*NATURAL_KEYS[model], "pk")}
 
 
-def restore(path, *, replace=False, dry_run=False, on_progress=None) -> Outcome:
-    """Check a backup, then load it in one transaction; returns the rows per table."""
-    started = time.perf_counter()
+def _referencing(targets: set[str], others: set[str]) -> list[tuple[str, str, str]]:
+    """(table, column, target) for each table of `others` holding rows with a foreign key into
+    `targets`; found in the database's catalog, so tables Django does not know count too."""
+    found = []
+    qn = connection.ops.quote_name
+    with connection.cursor() as cursor:
+        for table in sorted(others):
+            relations = connection.introspection.get_relations(cursor, table)
+            for column, (_, target) in sorted(relations.items()):
+                if target in targets:
+                    cursor.execute(f"SELECT 1 FROM {qn(table)} LIMIT 1")
+                    if cursor.fetchone():
+                        found.append((table, column, target))
+    return found
+
+
+def plan_restore(path, *, replace: bool = False) -> Plan:
+    """Check the file (refusing a damaged or foreign one) and what restoring it would do here."""
     path = Path(path)
     manifest = read_manifest(path)
-    expected = verify_file(path, manifest)
-    _check_target(manifest, replace)
-    outcome = Outcome(path=path, rows=dict(expected))
-    if dry_run:
-        outcome.seconds = time.perf_counter() - started
-        return outcome
-    models = {m._meta.db_table: m for m in backed_up_models()}
-    with transaction.atomic():
-        # Load into bare tables, then build indexes and constraints once (and check them).
-        with indexes_built_after(models.values()):
-            if replace:
-                with connection.cursor() as cursor:
-                    for model in reversed(backed_up_models()):
-                        cursor.execute(
-                            f"DELETE FROM {connection.ops.quote_name(model._meta.db_table)}"
-                        )
-            with _open_in(path) as f:
-                records = (orjson.loads(line) for line in _data_lines(f))
-                # Lines come table after table: one streamed COPY (or bulk_create) per table.
-                for table, group in groupby(records, key=itemgetter("t")):
-                    cols = manifest["tables"][table]["columns"]
-                    first = next(group)
-                    if list(first["r"]) != cols:
-                        raise BackupError(f"{path}: the rows of {table} do not match its columns.")
-                    # Rows are written with their columns in the manifest's order.
-                    rows = (tuple(record["r"].values()) for record in chain([first], group))
-                    insert_rows(models[table], cols, _counted(rows, on_progress))
-        reset_sequences(list(models.values()))
-        for name, n in expected.items():
-            if models[name].objects.count() != n:
-                raise BackupError(f"After restoring, {name} does not hold {n} rows; rolled back.")
+    rows = verify_file(path, manifest)
+    plan = Plan(path=path, manifest=manifest, replace=replace, rows=rows)
+    plan.check()
+    return plan
+
+
+class _Loader:
+    """Writes the file's rows into this database, mapping natural keys to this database's ids."""
+
+    def __init__(self, plan: Plan, progress):
+        self.plan = plan
+        self.progress = progress
+        self.ids = {model: _target_keys(model) for model in (Permission, ContentType)}
+        self.group_ids: list[int] = []
+
+    def run(self) -> None:
+        """Everything a restore writes, in one transaction, checked before it commits."""
+        plan = self.plan
+        by_name = {t.name: t for t in plan.tables}
+        # COPY goes through psycopg's cursor: let Django name its errors (IntegrityError, ...).
+        with transaction.atomic(), connection.wrap_database_errors:
+            # Load into bare tables, then build indexes and constraints once (and check them).
+            with indexes_built_after([t.model for t in plan.emptied]):
+                if plan.replace:
+                    with connection.cursor() as cursor:
+                        for table in reversed(plan.emptied):
+                            cursor.execute(f"DELETE FROM {connection.ops.quote_name(table.name)}")
+                with _open_in(plan.path) as f:
+                    records = (orjson.loads(line) for line in _data_lines(f))
+                    # Lines come table after table: one streamed COPY (or bulk_create) per table.
+                    for name, group in groupby(records, key=itemgetter("t")):
+                        table = by_name.get(name)
+                        first = next(group)
+                        if table is None or list(first["r"]) != table.columns:
+                            raise BackupError(
+                                f"{plan.path}: the rows of {name} do not match its columns; "
+                                "nothing was restored."
+                            )
+                        # Rows are written with their columns in the manifest's order.
+                        self.load(table, (tuple(r["r"].values()) for r in chain([first], group)))
+            reset_sequences([t.model for t in plan.tables])
+            for table in plan.tables:
+                if self.count(table) != plan.rows[table.name]:
+                    raise BackupError(
+                        f"After restoring, {table.name} does not hold the "
+                        f"{plan.rows[table.name]} rows of the backup; rolled back."
+                    )
+
+    def load(self, table: Table, rows) -> None:
+        if table.model is Group:
+            self._merge_groups([name for (name,) in rows])
+            return
+        insert_rows(table.model, table.target_columns, self._counted(self._mapped(table, rows)))
+
+    def _merge_groups(self, names: list[str]) -> None:
+        """Groups are matched by name: create the missing ones, replace their permissions."""
+        existing = set(Group.objects.filter(name__in=names).values_list("name", flat=True))
+        Group.objects.bulk_create([Group(name=n) for n in names if n not in existing])
+        self.ids[Group] = _target_keys(Group)
+        self.group_ids = [self.ids[Group][(n,)] for n in names]
+        Group.permissions.through.objects.filter(group_id__in=self.group_ids).delete()
+        if self.progress:
+            self.progress.update(len(names))
+
+    def _mapped(self, table: Table, rows):
+        keyed = [
+            (table.columns.index(column), self.ids[f.related_model], f.related_model)
+            for column, f in table.keyed.items()
+        ]
+        if not keyed:
+            yield from rows
+            return
+        for row in rows:
+            row = list(row)
+            for i, ids, model in keyed:
+                if row[i] is not None:
+                    try:
+                        row[i] = ids[tuple(row[i])]
+                    except KeyError:
+                        raise BackupError(
+                            f"{self.plan.path}: {table.name} names the {model._meta.verbose_name} "
+                            f"{'.'.join(row[i])}, which the manifest does not list and this "
+                            "database does not have; nothing was restored."
+                        ) from None
+            yield row
+
+    def _counted(self, rows):
+        n = 0
+        for n, row in enumerate(rows, 1):  # noqa: B007 (n is used after the loop)
+            yield row
+            if self.progress and n % EVERY == 0:
+                self.progress.update(EVERY)
+        if self.progress:
+            self.progress.update(n % EVERY)
+
+    def count(self, table: Table) -> int:
+        """The rows this restore wrote into `table` (all of them, in an emptied table)."""
+        if table.model is Group:
+            return len(set(self.group_ids))
+        if table.merged:
+            return table.model.objects.filter(group_id__in=self.group_ids).count()
+        return table.model.objects.count()
+
+
+def restore(path, *, replace=False, progress=None) -> Outcome:
+    """Check a backup and this database, then load the file in one transaction."""
+    started = time.perf_counter()
+    plan = plan_restore(path, replace=replace)
+    if plan.problems:
+        raise BackupError(plan.problems[0])
+    if progress:
+        progress.start(sum(plan.rows[t.name] for t in plan.tables))
+    try:
+        _Loader(plan, progress).run()
+    except (IntegrityError, DataError, orjson.JSONDecodeError) as exc:
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise BackupError(
+            f"{plan.path} could not be loaded ({first_line}); rolled back, nothing was restored."
+        ) from exc
+    outcome = Outcome(path=plan.path, rows={t.name: plan.rows[t.name] for t in plan.tables})
     outcome.seconds = time.perf_counter() - started
     return outcome

@@ -1,11 +1,12 @@
 #!/usr/bin/env python
 """Back up the account tables to JSON Lines.
 
-Usage: scripts/backup.py [--dir DIR] [--output FILE] [--no-gzip]
+Usage: scripts/backup.py [--dir DIR] [--output FILE] [--no-gzip] [-v {0,1,2}]
 
 A thin entry point over `manage.py backup_accounts` (account/backup.py holds the code), used
 by `make backup` and `make migrate-data`. Restore with scripts/restore.py FILE.
-Configuration errors and an unreachable database end in one line and exit status 1.
+Every failure (configuration, database down, never migrated, directory not writable) ends in
+one line and exit status 1. `-v 2` prints a progress line per tenth of the rows.
 """
 
 import sys
@@ -16,4 +17,4 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from config.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    main(["manage.py", "backup_accounts", *sys.argv[1:]])
+    main(["scripts/backup.py", "backup_accounts", *sys.argv[1:]])

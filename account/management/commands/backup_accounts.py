@@ -1,20 +1,28 @@
 """Back up every account table to a timestamped JSON Lines file."""
 
 from django.conf import settings
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
-from account.backup import backed_up_models, backup
+from account.backup import BackupError, Progress, backup
 from account.models import OperationLog
-from account.progress import progress
+
+SCRIPT = "scripts/backup.py"
 
 
 class Command(BaseCommand):
     help = (
         "Write the legacy users, new users, profiles, addresses, activities, notifications, "
-        "groups and their links to a new JSON Lines backup (gzip by default) with a manifest "
-        "and a SHA-256 checksum. Never overwrites; file mode 0600 (it holds password hashes)."
+        "the admin log, groups and their links to a new JSON Lines backup (gzip by default) "
+        "with a manifest and a SHA-256 checksum; permissions, content types and groups by "
+        "natural key. Never overwrites; file mode 0600 (it holds password hashes)."
     )
+
+    def create_parser(self, prog_name, subcommand, **kwargs):
+        parser = super().create_parser(prog_name, subcommand, **kwargs)
+        if prog_name == SCRIPT:  # run by scripts/backup.py: its usage line names the script
+            parser.prog = SCRIPT
+        return parser
 
     def add_arguments(self, parser):
         parser.add_argument(
@@ -31,17 +39,18 @@ class Command(BaseCommand):
 
     def handle(self, *args, dir, output, no_gzip, verbosity, **options):
         started_at = timezone.now()
-        total = sum(m.objects.count() for m in backed_up_models())
-        bar = progress(total, "backup", verbosity=verbosity)
+        progress = Progress("backup", verbosity=verbosity, stdout=self.stdout)
         try:
             outcome = backup(
                 directory=dir or settings.BACKUP_DIR,
                 output=output,
                 compress=not no_gzip,
-                on_progress=bar.update,
+                progress=progress,
             )
+        except BackupError as exc:
+            raise CommandError(str(exc)) from exc
         finally:
-            bar.close()
+            progress.close()
         outcome.log(OperationLog.Kind.BACKUP, started_at)
         if verbosity > 0:
             self.stdout.write(self.style.SUCCESS(outcome.line("Backed up")))

@@ -1,50 +1,82 @@
 """Restore the account tables from a backup made by backup_accounts."""
 
-from django.core.management.base import BaseCommand
+from django.contrib.auth.models import Group
+from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
-from account.backup import restore
+from account.backup import BackupError, Progress, plan_restore, restore
 from account.models import OperationLog
-from account.progress import progress
+
+SCRIPT = "scripts/restore.py"
 
 
 class Command(BaseCommand):
     help = (
-        "Check a backup's manifest and checksum, then restore every table it holds in one "
-        "transaction and reset the id sequences. Refuses a corrupted, truncated or foreign "
-        "file, and tables that already hold rows unless --replace."
+        "Check a backup's manifest and checksum and this database, then restore every table "
+        "it holds in one transaction and reset the id sequences. Permissions, content types "
+        "and groups are matched by natural key. Refuses a corrupted, truncated or foreign file, "
+        "a permission this database lacks, tables that already hold rows unless --replace, and "
+        "other tables pointing at the rows it would delete."
     )
+
+    def create_parser(self, prog_name, subcommand, **kwargs):
+        parser = super().create_parser(prog_name, subcommand, **kwargs)
+        if prog_name == SCRIPT:  # run by scripts/restore.py: its usage line names the script
+            parser.prog = SCRIPT
+        return parser
 
     def add_arguments(self, parser):
         parser.add_argument("file", help="The backup file (.jsonl or .jsonl.gz).")
         parser.add_argument(
             "--replace",
             action="store_true",
-            help="Delete the rows the tables hold now, in the same transaction, before loading.",
+            help="Delete the rows the tables hold now, in the same transaction, before loading "
+            "(groups are matched by name and keep their ids).",
         )
         parser.add_argument(
             "--dry-run",
             action="store_true",
-            help="Check the file and the database and show what would be restored; write nothing.",
+            help="Check the file and this database and report what a restore would do, and "
+            "whether it would refuse; write nothing. Exits 0 when the file is intact.",
         )
 
     def handle(self, *args, file, replace, dry_run, verbosity, **options):
-        started_at = timezone.now()
-        bar = progress(None, "restore", verbosity=verbosity if not dry_run else 0)
         try:
-            outcome = restore(file, replace=replace, dry_run=dry_run, on_progress=bar.update)
-        finally:
-            bar.close()
-        if dry_run:
-            for table, n in outcome.rows.items():
-                self.stdout.write(f"  {table}: {n} rows")
-            self.stdout.write(
-                self.style.SUCCESS(
-                    f"Dry run: {file} is intact; {outcome.total} rows would be restored"
-                    f"{' after deleting the current rows' if replace else ''}. Nothing was written."
-                )
-            )
-            return
+            if dry_run:
+                self.report(plan_restore(file, replace=replace), verbosity)
+                return
+            started_at = timezone.now()
+            progress = Progress("restore", verbosity=verbosity, stdout=self.stdout)
+            try:
+                outcome = restore(file, replace=replace, progress=progress)
+            finally:
+                progress.close()
+        except BackupError as exc:
+            raise CommandError(str(exc)) from exc
         outcome.log(OperationLog.Kind.RESTORE, started_at)
         if verbosity > 0:
             self.stdout.write(self.style.SUCCESS(outcome.line("Restored")))
+
+    def report(self, plan, verbosity):
+        """What the restore would do, table by table, and every reason it would refuse."""
+        if verbosity < 1:
+            return
+        for table, n in plan.rows.items():
+            here = plan.here.get(table)
+            now = "" if here is None else f"; {here} here now"
+            if here and plan.replace:
+                now += " (kept, matched by name)" if table == Group._meta.db_table else " (deleted)"
+            self.stdout.write(f"  {table}: {n} rows in the file{now}")
+        for problem in plan.problems:
+            self.stdout.write(self.style.WARNING(f"A restore would refuse: {problem}"))
+        total = sum(plan.rows.values())
+        if plan.problems:
+            verdict = f"{total} rows; a restore would refuse (see above)"
+        else:
+            replaced = sum(plan.here.values())
+            verdict = f"a restore would write {total} rows" + (
+                f" and replace {replaced} rows here" if replaced else ""
+            )
+        self.stdout.write(
+            self.style.SUCCESS(f"Dry run: {plan.path} is intact; {verdict}. Nothing was written.")
+        )

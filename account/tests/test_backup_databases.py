@@ -1,0 +1,148 @@
+"""Backups restored into other databases: other permission ids, never or half migrated."""
+
+import json
+import sqlite3
+from pathlib import Path
+
+import psycopg
+import pytest
+from django.contrib.admin.models import ADDITION, LogEntry
+from django.contrib.auth.models import Group, Permission
+from django.contrib.contenttypes.models import ContentType
+
+from account.models import Address, NewUser, User
+
+from .backup_helpers import permission_ids, rights
+from .conftest import assert_clean_failure, make_legacy, manage
+
+pytestmark = [pytest.mark.slow, pytest.mark.django_db]
+
+
+def shell(url, code):
+    proc = manage("shell", "-v", "0", "-c", code, url=url)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def migrate(url, *args):
+    proc = manage("migrate", *args, "-v", "0", url=url)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def tables_in(url) -> set[str]:
+    if url.startswith("sqlite"):
+        with sqlite3.connect(url.removeprefix("sqlite:///")) as conn:
+            rows = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            return {name for (name,) in rows}
+    with psycopg.connect(url) as conn:
+        rows = conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        return {name for (name,) in rows}
+
+
+@pytest.fixture
+def with_rights(db):
+    """Users with rights of every kind: direct permissions, groups, admin log entries."""
+    legacy = make_legacy("legacy", "legacy@example.com")
+    user = NewUser.objects.create_user("staff", "staff@example.com", "pw", is_staff=True)
+    editors = Group.objects.create(name="editors")
+    editors.permissions.add(*Permission.objects.filter(codename__in=["view_address", "add_user"]))
+    Group.objects.create(name="nobody")
+    for who in (legacy, user):
+        who.groups.add(editors)
+        who.user_permissions.add(Permission.objects.get(codename="view_newuser"))
+    for model in (Address, User, NewUser):
+        LogEntry.objects.create(
+            user=user,
+            content_type=ContentType.objects.get_for_model(model),
+            object_repr=model.__name__,
+            action_flag=ADDITION,
+        )
+
+
+@pytest.fixture
+def backup_file(run, settings, with_rights) -> Path:
+    run("backup_accounts")
+    return next(Path(settings.BACKUP_DIR).glob("accounts-*"))
+
+
+def test_rights_survive_a_restore_into_a_database_with_other_permission_ids(
+    backup_file, fresh_database_url
+):
+    url = fresh_database_url
+    migrate(url)
+    shell(url, "from account.tests.backup_helpers import reverse_ids; reverse_ids()")
+    theirs = json.loads(
+        shell(url, "from account.tests.backup_helpers import print_permission_ids as p; p()")
+    )
+    ours = permission_ids()
+    assert theirs.keys() == ours.keys()
+    assert all(theirs[key] != ours[key] for key in ours)  # every id names another permission
+    proc = manage("restore_accounts", str(backup_file), url=url)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    restored = json.loads(
+        shell(url, "from account.tests.backup_helpers import print_rights as p; p()")
+    )
+    assert restored == json.loads(json.dumps(rights()))
+    assert len(restored) == 3 and len(restored["admin log"]) == 3
+
+
+def test_a_permission_missing_from_the_target_is_refused_before_writing(
+    backup_file, fresh_database_url
+):
+    url = fresh_database_url
+    migrate(url)
+    shell(url, "from django.contrib.auth.models import Permission as P; "
+               "P.objects.filter(codename='add_user').delete()")  # fmt: skip
+    proc = manage("restore_accounts", str(backup_file), url=url)
+    assert_clean_failure(proc, "this database does not have (account.user.add_user)")
+    assert shell(url, "from account.models import NewUser; print(NewUser.objects.count())") == "0\n"
+
+
+# The states a database can be in before `make migrate`: never migrated, auth only (another
+# project's first steps), and the legacy schema only (what `make populate` leaves).
+NEVER, AUTH_ONLY, LEGACY_ONLY = [], ["auth"], ["account", "0001"]
+
+
+@pytest.mark.parametrize("state", [NEVER, AUTH_ONLY], ids=["never migrated", "auth only"])
+def test_backup_of_an_unmigrated_database_is_refused_in_one_line(fresh_database_url, state):
+    if state:
+        migrate(fresh_database_url, *state)
+    tables = tables_in(fresh_database_url)
+    proc = manage("backup_accounts", "--dir", "/nonexistent/never-created", url=fresh_database_url)
+    assert_clean_failure(proc, "Nothing to back up", "python manage.py migrate")
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert tables_in(fresh_database_url) == tables
+    assert not Path("/nonexistent/never-created").exists()
+
+
+@pytest.mark.parametrize(
+    "state", [NEVER, AUTH_ONLY, LEGACY_ONLY], ids=["never migrated", "auth only", "legacy only"]
+)
+def test_restore_into_an_unmigrated_database_is_refused_in_one_line(
+    backup_file, fresh_database_url, state
+):
+    if state:
+        migrate(fresh_database_url, *state)
+    tables = tables_in(fresh_database_url)
+    proc = manage("restore_accounts", str(backup_file), url=fresh_database_url)
+    assert_clean_failure(proc, "python manage.py migrate account 0002_copy_legacy_users")
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert tables_in(fresh_database_url) == tables
+    dry = manage("restore_accounts", str(backup_file), "--dry-run", url=fresh_database_url)
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert "A restore would refuse" in dry.stdout
+
+
+def test_a_legacy_only_database_backs_up_and_restores_without_an_admin_log(
+    fresh_database_url, tmp_path
+):
+    url = fresh_database_url
+    proc = manage("populate_fake_user_bulk", "50", "--migrate", "-v", "0", url=url)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "django_admin_log" not in tables_in(url)
+    path = tmp_path / "legacy.jsonl.gz"
+    proc = manage("backup_accounts", "--output", str(path), url=url)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = manage("restore_accounts", str(path), "--replace", url=url)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert shell(url, "from account.models import User; print(User.objects.count())") == "50\n"
