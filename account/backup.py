@@ -59,7 +59,16 @@ from django.db.models import Case, When
 from django.db.models.functions import JSONArray
 
 from .dbutil import indexes_built_after, insert_rows, reset_sequences
-from .models import Activity, Address, NewUser, Notification, OperationLog, Profile, User
+from .models import (
+    Activity,
+    Address,
+    NewUser,
+    Notification,
+    OperationLog,
+    Profile,
+    SyncState,
+    User,
+)
 from .progress import progress
 
 FORMAT = "account-backup"
@@ -150,6 +159,9 @@ def backed_up_models() -> list:
         NewUser,
         through[2],
         through[3],
+        # What the last sync wrote: restored with the users, so the next sync knows what
+        # changed since the backup (without it, restored users would look like signups).
+        SyncState,
         Profile,
         Address,
         Activity,

@@ -381,3 +381,26 @@ def test_a_refused_first_copy_still_moves_the_sequence_past_legacy_ids(run):
     with pytest.raises(CommandError):
         run("copy_users")
     assert NewUser.objects.create_user("signup", "signup@example.com", "pw").pk > 500
+
+
+@pytest.mark.django_db(transaction=True)
+def test_after_a_restore_the_next_sync_carries_what_changed_since_the_backup(run, tmp_path):
+    from django.core.management import call_command
+
+    alice = make_legacy("alice", "alice@example.com", password=make_password("old-pass"))
+    run("copy_users")
+    call_command("backup_accounts", "--output", str(tmp_path / "b.jsonl.gz"), verbosity=0)
+    User.objects.filter(pk=alice.pk).update(password=make_password("new-pass"))
+    late = make_legacy("late", "late@example.com")
+    run("copy_users")
+    call_command("restore_accounts", str(tmp_path / "b.jsonl.gz"), "--replace", verbosity=0)
+    # The restore brings back the new side and SyncState as they were at the backup.
+    User.objects.filter(pk=alice.pk).update(password=make_password("newer-pass"))
+    make_legacy("late2", "late2@example.com", id=late.pk + 1)
+    User.objects.filter(pk=late.pk).delete()
+    run("copy_users")
+    assert authenticate(username="alice", password="newer-pass").pk == alice.pk
+    assert NewUser.objects.filter(username="late2").exists()
+    User.objects.all().delete()
+    NewUser.objects.all().delete()
+    SyncState.objects.all().delete()
