@@ -243,7 +243,7 @@ def run_the_recipe(stack: Stack) -> Flow:
 def test_the_preflight_refuses_the_dirty_legacy_rows(flow):
     output = flow.preflight.stdout + flow.preflight.stderr
     assert flow.preflight.returncode != 0, output
-    assert "cannot be copied" in output and "Traceback" not in output
+    assert "cannot be synced" in output and "Traceback" not in output
 
 
 def test_every_legacy_user_is_copied_or_listed_in_the_copy_report(stack, flow):
