@@ -1,16 +1,17 @@
 """Back up every account table to a timestamped JSON Lines file."""
 
 from django.conf import settings
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 from django.utils import timezone
 
 from account.backup import BackupError, Progress, backup
+from account.management.base import OneLineErrorCommand
 from account.models import OperationLog
 
 SCRIPT = "scripts/backup.py"
 
 
-class Command(BaseCommand):
+class Command(OneLineErrorCommand):
     help = (
         "Write the legacy users, new users, profiles, addresses, activities, notifications, "
         "the admin log, groups and their links to a new JSON Lines backup (gzip by default) "

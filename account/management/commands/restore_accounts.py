@@ -1,16 +1,17 @@
 """Restore the account tables from a backup made by backup_accounts."""
 
 from django.contrib.auth.models import Group
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 from django.utils import timezone
 
 from account.backup import BackupError, Progress, plan_restore, restore
+from account.management.base import OneLineErrorCommand
 from account.models import OperationLog
 
 SCRIPT = "scripts/restore.py"
 
 
-class Command(BaseCommand):
+class Command(OneLineErrorCommand):
     help = (
         "Check a backup's manifest and checksum and this database, then restore every table "
         "it holds in one transaction and reset the id sequences. Permissions, content types "
