@@ -16,7 +16,8 @@ def home(request):
 
 @login_required
 def me(request):
-    profile = Profile.objects.filter(user=request.user).first()
+    # By id: the signed-in user is a NewUser, or a legacy User in deploy 1 (same ids).
+    profile = Profile.objects.filter(user_id=request.user.pk).first()
     return render(request, "account/me.html", {"profile": profile})
 
 
