@@ -1,5 +1,6 @@
 """The few pages of the demo: home, the signed-in user's account, status and health."""
 
+from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.db import connection
 from django.db.utils import DatabaseError
@@ -7,6 +8,7 @@ from django.http import JsonResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.cache import never_cache
 
+from .cutover import last_cutover
 from .models import NewUser, OperationLog, Profile, User
 
 
@@ -28,6 +30,8 @@ def status(request):
     if context["show_counts"]:
         context["legacy_users"] = User.objects.count()
         context["new_users"] = NewUser.objects.count()
+        context["auth_user_model"] = settings.AUTH_USER_MODEL
+        context["last_cutover"] = last_cutover()
     context["last_copy"] = OperationLog.objects.filter(kind=OperationLog.Kind.COPY).first()
     context["last_backup"] = OperationLog.objects.filter(kind=OperationLog.Kind.BACKUP).first()
     return render(request, "account/status.html", context)
