@@ -57,9 +57,10 @@ class Command(BaseCommand):
 
     def final_line(self, outcome, dry_run) -> str:
         if outcome.nothing_to_do:
-            done = last_cutover()
-            when = f" ({done.get_kind_display()} at {done.finished_at:%Y-%m-%d %H:%M:%S %Z})"
-            return f"Already done{when if done else ''}: nothing to do, nothing changed."
+            when = ""
+            if done := last_cutover():
+                when = f" ({done.get_kind_display()} at {done.finished_at:%Y-%m-%d %H:%M:%S %Z})"
+            return self.nothing_line(when)
         if dry_run:
             return "Dry run: nothing was changed."
         if "switch" not in outcome.steps:
@@ -75,6 +76,9 @@ class Command(BaseCommand):
             "and constraint swap); the validation ran afterwards without blocking them."
         )
         return self.done_line(outcome)
+
+    def nothing_line(self, when) -> str:
+        return f"Already cut over{when}: nothing to do, nothing changed."
 
     def done_line(self, outcome) -> str:
         return (

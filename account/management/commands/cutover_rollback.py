@@ -23,6 +23,11 @@ class Command(CutoverCommand):
         "instead of refusing; a row referencing one still stops the rollback."
     )
 
+    def nothing_line(self, when) -> str:
+        return (
+            f"Not cut over, the legacy table is live{when}: nothing to roll back, nothing changed."
+        )
+
     def done_line(self, outcome) -> str:
         c = outcome.counts
         return (
