@@ -466,7 +466,7 @@ class _Run:
             raise CutoverError(
                 f"`{command}` runs with AUTH_USER_MODEL={SETTING[self.target]}; this process "
                 f"has AUTH_USER_MODEL={running}. Set AUTH_USER_MODEL={SETTING[self.target]} "
-                "and run again."
+                "(in the environment or .env) and run again."
             )
         if not (table_exists(User, self.alias) and table_exists(NewUser, self.alias)):
             raise CutoverError(
