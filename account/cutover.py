@@ -364,7 +364,7 @@ def _make_read_only(alias, message: str) -> None:
         if connection.vendor == "postgresql":
             function = qn(_trigger_name(table))
             cursor.execute(
-                f"""CREATE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $$
+                f"""CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $$
                 BEGIN RAISE EXCEPTION USING ERRCODE = 'read_only_sql_transaction',
                     MESSAGE = '{quoted}'; END $$"""
             )

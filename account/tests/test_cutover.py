@@ -357,6 +357,16 @@ def test_rollback_under_the_new_setting_names_the_setting_to_use(deploy):
     assert len((proc.stdout + proc.stderr).strip().splitlines()) == 1
 
 
+def test_cutover_with_a_bad_lock_timeout_ends_in_one_line(deploy):
+    proc = deploy.manage(NEW, "cutover", "--lock-timeout", "0")
+    assert_clean_failure(proc, "--lock-timeout must be greater than 0")
+
+
+def test_cutover_on_a_database_never_migrated_says_to_migrate(fresh_database_url, tmp_path):
+    proc = Deploy(fresh_database_url, tmp_path).manage(NEW, "cutover")
+    assert_clean_failure(proc, "run `python manage.py migrate` first")
+
+
 def test_cutover_with_the_database_down_ends_in_one_line(tmp_path):
     url = (
         "postgres://postgres@127.0.0.1:1/nothing"
