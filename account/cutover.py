@@ -308,8 +308,14 @@ def _generic_references(model, alias) -> dict[str, int]:
     admin log, which moves)."""
     connection = connections[alias]
     qn = connection.ops.quote_name
-    ct = ContentType.objects.db_manager(alias).get_for_model(model, for_concrete_model=False)
+    ct = (
+        ContentType.objects.db_manager(alias)
+        .filter(app_label=model._meta.app_label, model=model._meta.model_name)
+        .first()
+    )
     found = {}
+    if ct is None:
+        return found
     with connection.cursor() as cursor:
         for table in sorted(connection.introspection.table_names(cursor)):
             if table == ADMIN_LOG:
