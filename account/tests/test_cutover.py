@@ -243,6 +243,15 @@ def test_only_the_live_user_model_is_writable_in_the_admin(admin_client):
 
 
 @pytest.mark.django_db
+def test_staff_sign_in_to_the_admin_with_the_live_user_model(client):
+    """Runs under either setting (CI runs this file under both)."""
+    get_user_model().objects.create_superuser(username="root", email="r@example.com", password="pw")
+    response = client.post("/admin/login/?next=/admin/", {"username": "root", "password": "pw"})
+    assert response.status_code == 302 and response.url == "/admin/"
+    assert client.get("/admin/").status_code == 200
+
+
+@pytest.mark.django_db
 def test_the_test_database_is_not_cut_over():
     assert not is_cut_over()
 
