@@ -402,7 +402,7 @@ def test_cutover_refuses_when_a_row_references_a_legacy_user_the_copy_rejects(de
 def test_cutover_under_the_default_policy_refuses_rejected_legacy_users(deploy):
     legacy_user(deploy, "broken", "not-an-email")
     proc = deploy.manage(NEW, "cutover")
-    assert_clean_failure(proc, "The sync refused; the cut-over changed nothing", "email_invalid: 1")
+    assert_clean_failure(proc, "The sync refused; the cut-over changed nothing")
     assert deploy.references("django_admin_log")[0][0] == "account_user"
 
 
