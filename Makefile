@@ -19,6 +19,7 @@ PORT ?= $(call dotenv,PORT,8000)
 .DEFAULT_GOAL := help
 .PHONY: help install demo test lint format check-migrations run migrate populate check-data \
         migrate-data backup restore bench-populate bench-migrate bench-backup \
+        cutover cutover-rollback demo-cutover bench-cutover \
         postgresDBContainer up down logs clean
 
 help: ## List the targets and the variables they read (colour on a terminal only)
@@ -93,6 +94,17 @@ restore: install ## Restore a backup: make restore FILE=backups/accounts-....jso
 	@test -n "$(FILE)" || { echo "Usage: make restore FILE=backups/accounts-<time>.jsonl.gz [ARGS=--replace]"; exit 2; }
 	$(PY) scripts/restore.py "$(FILE)" $(ARGS)
 
+# The cut-over (docs/cutover.md). Each refuses unless AUTH_USER_MODEL (environment or .env)
+# names the model it switches to, so the command and the app started after it agree.
+cutover: install ## Deploy 2 (AUTH_USER_MODEL=account.NewUser, old app stopped): switch the database to NewUser (ARGS=--dry-run)
+	$(SKIP_ENV) $(PY) manage.py cutover $(ARGS)
+
+cutover-rollback: install ## Undo the cut-over (AUTH_USER_MODEL=account.User, new app stopped), carrying NewUser's writes back (ARGS=--dry-run)
+	$(SKIP_ENV) $(PY) manage.py cutover_rollback $(ARGS)
+
+demo-cutover: install ## Show the cut-over end to end: deploy 1, sync, sign in, cut over, still signed in (SQLite unless DATABASE_URL)
+	$(PY) scripts/demo_cutover.py
+
 bench-populate: install ## Benchmark populate on PostgreSQL: make bench-populate N=1000000
 	$(PY) bench/bench_populate.py $(N)
 
@@ -101,6 +113,9 @@ bench-migrate: install ## Benchmark the copy against INSERT ... SELECT: make ben
 
 bench-backup: install ## Benchmark backup/restore against dumpdata and COPY: make bench-backup N=1000000
 	$(PY) bench/bench_backup.py $(N)
+
+bench-cutover: install ## Benchmark the cut-over: N users, N orders, 1% changed: make bench-cutover N=1000000
+	$(PY) bench/bench_cutover.py $(N)
 
 POSTGRES_CONTAINER ?= accounts-postgres
 POSTGRES_VOLUME ?= accounts-pgdata

@@ -1,6 +1,12 @@
-"""Admin for every model: NewUser with its profile and addresses inline; legacy users read-only."""
+"""Admin for every model: both user models, NewUser with its profile and addresses inline.
+
+Only the model named by AUTH_USER_MODEL takes writes here; the other one is shown read-only.
+Before the cut-over (deploy 1) the legacy model is live and NewUser is the mirror the sync
+keeps; after it NewUser is live and the legacy table is read-only (docs/cutover.md).
+"""
 
 from django.contrib import admin
+from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import UserAdmin
 
 from .models import Activity, Address, NewUser, Notification, OperationLog, Profile, User
@@ -16,8 +22,24 @@ class AddressInline(admin.TabularInline):
     extra = 0
 
 
+class WritableOnlyWhenLive:
+    """Add, change and delete only while this model is the AUTH_USER_MODEL."""
+
+    def _live(self):
+        return self.model is get_user_model()
+
+    def has_add_permission(self, request):
+        return self._live() and super().has_add_permission(request)
+
+    def has_change_permission(self, request, obj=None):
+        return self._live() and super().has_change_permission(request, obj)
+
+    def has_delete_permission(self, request, obj=None):
+        return self._live() and super().has_delete_permission(request, obj)
+
+
 @admin.register(NewUser)
-class NewUserAdmin(UserAdmin):
+class NewUserAdmin(WritableOnlyWhenLive, UserAdmin):
     inlines = [ProfileInline, AddressInline]
     list_display = ("username", "email", "full_name", "phone_number", "is_staff", "joined_at")
     list_filter = ("is_staff", "is_superuser", "is_active", "groups")
@@ -41,23 +63,27 @@ class NewUserAdmin(UserAdmin):
 
 
 @admin.register(User)
-class LegacyUserAdmin(admin.ModelAdmin):
-    """The old table is kept as it was: view only."""
+class LegacyUserAdmin(WritableOnlyWhenLive, UserAdmin):
+    """The old model: editable in deploy 1, read-only once NewUser is the AUTH_USER_MODEL."""
 
     list_display = ("username", "email", "full_name", "phone_number", "is_staff")
+    list_filter = ("is_staff", "is_superuser", "is_active", "groups")
     search_fields = ("username", "email", "full_name")
     ordering = ("id",)
+    readonly_fields = ("last_login",)
     show_full_result_count = False
-    exclude = ("password",)
-
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
+    fieldsets = (
+        (None, {"fields": ("username", "password")}),
+        ("Personal info", {"fields": ("full_name", "email", "phone_number", "date_of_birth")}),
+        (
+            "Permissions",
+            {"fields": ("is_active", "is_staff", "is_superuser", "groups", "user_permissions")},
+        ),
+        ("Important dates", {"fields": ("last_login",)}),
+    )
+    add_fieldsets = (
+        (None, {"classes": ("wide",), "fields": ("username", "email", "password1", "password2")}),
+    )
 
 
 @admin.register(Profile)

@@ -37,6 +37,31 @@ class NewUserManager(BaseUserManager):
 
 
 class LegacyUserManager(BaseUserManager):
-    """The legacy table is only read and filled by `populate_fake_user_bulk`."""
+    """Create users of the old schema: what `createsuperuser` and the admin need while the old
+    model is the AUTH_USER_MODEL (deploy 1 of a cut-over). Its email may be empty."""
 
     use_in_migrations = True
+
+    def _create_user(self, username, email, password, **extra_fields):
+        if not username:
+            raise ValueError("The username must be set")
+        email = self.normalize_email(email.strip()) if email else ""
+        username = self.model.normalize_username(username)
+        user = self.model(username=username, email=email, **extra_fields)
+        user.password = make_password(password)
+        user.save(using=self._db)
+        return user
+
+    def create_user(self, username, email="", password=None, **extra_fields):
+        extra_fields.setdefault("is_staff", False)
+        extra_fields.setdefault("is_superuser", False)
+        return self._create_user(username, email, password, **extra_fields)
+
+    def create_superuser(self, username, email="", password=None, **extra_fields):
+        extra_fields.setdefault("is_staff", True)
+        extra_fields.setdefault("is_superuser", True)
+        if extra_fields.get("is_staff") is not True:
+            raise ValueError("Superuser must have is_staff=True.")
+        if extra_fields.get("is_superuser") is not True:
+            raise ValueError("Superuser must have is_superuser=True.")
+        return self._create_user(username, email, password, **extra_fields)

@@ -39,6 +39,7 @@ class User(AbstractBaseUser, PermissionsMixin):
 
     USERNAME_FIELD = "username"
     EMAIL_FIELD = "email"
+    REQUIRED_FIELDS = ["email"]  # asked by createsuperuser while this is the AUTH_USER_MODEL
 
     class Meta:
         verbose_name = "legacy user"
@@ -182,13 +183,15 @@ class SyncState(models.Model):
 
 
 class OperationLog(models.Model):
-    """One run of a copy, check, backup or restore, shown on the status page."""
+    """One run of a copy, check, backup, restore, cut-over or rollback, shown on the status page."""
 
     class Kind(models.TextChoices):
         CHECK = "check", "pre-flight check"
         COPY = "copy", "user copy"
         BACKUP = "backup", "backup"
         RESTORE = "restore", "restore"
+        CUTOVER = "cutover", "cut-over"
+        ROLLBACK = "rollback", "cut-over rollback"
 
     kind = models.CharField(max_length=20, choices=Kind.choices)
     ok = models.BooleanField()

@@ -219,6 +219,14 @@ def copy_users(
     Called inside a transaction (the cut-over holds the legacy tables locked), it runs in a
     savepoint of it and reads in the caller's isolation level.
     """
+    from .cutover import is_cut_over  # it imports this module
+
+    if is_cut_over(alias):
+        raise CopyError(
+            "The cut-over is done: NewUser is the source and the legacy table is read-only, so "
+            "there is nothing to sync. To go back, run `make cutover-rollback` with "
+            "AUTH_USER_MODEL=account.User."
+        )
     sync = Sync(models, alias, skip_invalid, dry_run, batch_size, on_progress, on_start)
     connection = connections[alias]
     nested = connection.in_atomic_block
@@ -302,9 +310,7 @@ class Sync:
         return self.qn(model._meta.get_field(name).column)
 
     def links(self, model, name):
-        """The m2m table of `model.<name>` and its two columns."""
-        m2m = model._meta.get_field(name)
-        return m2m.remote_field.through, m2m.m2m_column_name(), m2m.m2m_reverse_name()
+        return link_table(model, name)
 
     def sql(self, sql, params=()):
         with self.connection.cursor() as cursor:
@@ -916,6 +922,12 @@ class Sync:
             if ok:
                 raise
             # The database itself failed (down, say): the error message is what is left.
+
+
+def link_table(model, name):
+    """The m2m table of `model.<name>` (groups, user_permissions) and its two columns."""
+    m2m = model._meta.get_field(name)
+    return m2m.remote_field.through, m2m.m2m_column_name(), m2m.m2m_reverse_name()
 
 
 def _chunks(items, size):

@@ -2,6 +2,7 @@
 
 import logging
 
+from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.db import connection
 from django.db.utils import DatabaseError
@@ -9,6 +10,7 @@ from django.http import JsonResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.cache import never_cache
 
+from .cutover import last_cutover
 from .models import NewUser, OperationLog, Profile, User
 
 logger = logging.getLogger(__name__)
@@ -42,7 +44,8 @@ def home(request):
 
 @login_required
 def me(request):
-    profile = Profile.objects.filter(user=request.user).first()
+    # By id: the signed-in user is a NewUser, or a legacy User in deploy 1 (same ids).
+    profile = Profile.objects.filter(user_id=request.user.pk).first()
     return render(request, "account/me.html", {"profile": profile})
 
 
@@ -114,6 +117,8 @@ def status(request):
             if last_copy
             else None,
             last_backup=OperationLog.objects.filter(kind=OperationLog.Kind.BACKUP).first(),
+            auth_user_model=settings.AUTH_USER_MODEL,
+            last_cutover=last_cutover(),
         )
     return render(request, "account/status.html", context)
 

@@ -112,7 +112,13 @@ DATABASES = {"default": database_from_url(DATABASE_URL)}
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
-AUTH_USER_MODEL = "account.NewUser"
+# Deploy 1 of a cut-over runs with account.User (the old model is live); deploy 2 with
+# account.NewUser. docs/cutover.md tells the whole story.
+AUTH_USER_MODEL = env.str("AUTH_USER_MODEL", default="account.NewUser")
+if AUTH_USER_MODEL not in {"account.NewUser", "account.User"}:
+    raise ImproperlyConfigured(
+        f"AUTH_USER_MODEL={AUTH_USER_MODEL!r}: use account.NewUser (the default) or account.User"
+    )
 
 # Every hasher a legacy Django project's hashes may use, or those users can no longer log in
 # (argon2 and bcrypt need Django's `argon2` and `bcrypt` extras, in requirements.txt). The first

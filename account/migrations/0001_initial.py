@@ -6,7 +6,6 @@ import django.db.models.deletion
 import django.db.models.functions.text
 import django.utils.timezone
 import phonenumber_field.modelfields
-from django.conf import settings
 from django.db import migrations, models
 
 
@@ -52,7 +51,7 @@ class Migration(migrations.Migration):
                 ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
                 ('activity_type', models.CharField(max_length=50)),
                 ('timestamp', models.DateTimeField(db_index=True, default=django.utils.timezone.now)),
-                ('user', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='activities', to=settings.AUTH_USER_MODEL)),
+                ('user', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='activities', to='account.newuser')),
             ],
             options={
                 'verbose_name_plural': 'activities',
@@ -67,7 +66,7 @@ class Migration(migrations.Migration):
                 ('state', models.CharField(blank=True, max_length=100)),
                 ('postal_code', models.CharField(blank=True, max_length=20)),
                 ('country', models.CharField(default='Nepal', max_length=100)),
-                ('user', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='addresses', to=settings.AUTH_USER_MODEL)),
+                ('user', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='addresses', to='account.newuser')),
             ],
             options={
                 'verbose_name_plural': 'addresses',
@@ -80,14 +79,14 @@ class Migration(migrations.Migration):
                 ('message_body', models.TextField()),
                 ('is_read', models.BooleanField(default=False)),
                 ('timestamp', models.DateTimeField(default=django.utils.timezone.now)),
-                ('user', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='notifications', to=settings.AUTH_USER_MODEL)),
+                ('user', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='notifications', to='account.newuser')),
             ],
         ),
         migrations.CreateModel(
             name='OperationLog',
             fields=[
                 ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('kind', models.CharField(choices=[('check', 'pre-flight check'), ('copy', 'user copy'), ('backup', 'backup'), ('restore', 'restore')], max_length=20)),
+                ('kind', models.CharField(choices=[('check', 'pre-flight check'), ('copy', 'user copy'), ('backup', 'backup'), ('restore', 'restore'), ('cutover', 'cut-over'), ('rollback', 'cut-over rollback')], max_length=20)),
                 ('ok', models.BooleanField()),
                 ('started_at', models.DateTimeField()),
                 ('finished_at', models.DateTimeField(default=django.utils.timezone.now)),
@@ -106,7 +105,7 @@ class Migration(migrations.Migration):
                 ('bio', models.TextField(blank=True)),
                 ('avatar', models.FileField(blank=True, upload_to='avatars/')),
                 ('updated_at', models.DateTimeField(auto_now=True)),
-                ('user', models.OneToOneField(on_delete=django.db.models.deletion.CASCADE, related_name='profile', to=settings.AUTH_USER_MODEL)),
+                ('user', models.OneToOneField(on_delete=django.db.models.deletion.CASCADE, related_name='profile', to='account.newuser')),
             ],
         ),
         migrations.CreateModel(

@@ -1,0 +1,1074 @@
+"""Switch AUTH_USER_MODEL on a live database: the cut-over to NewUser, and the way back.
+
+Deploy 1 runs with AUTH_USER_MODEL=account.User: the legacy table is live, the admin log and
+the project's own tables hold foreign keys to it, and `copy_users` keeps NewUser a mirror.
+Deploy 2 runs with AUTH_USER_MODEL=account.NewUser. Between the two, with the old app stopped,
+`cutover()` moves the database across; `rollback()` moves it back. docs/cutover.md has the
+whole procedure.
+
+`cutover()`, run under AUTH_USER_MODEL=account.NewUser, in this order:
+
+1. check     the setting and the state; finds every foreign key to the legacy user table in
+             the database catalog (`pg_constraint`; SQLite: `PRAGMA foreign_key_list`), except
+             the legacy model's own group and permission links; lists other tables with a
+             `content_type_id`/`object_id` pair pointing at legacy users.
+2. sync      `copy_users` carries the legacy side's changes into NewUser; refuses on conflicts
+             (and, under the default policy, on rejected rows). Then refuses when any row of
+             any table references a legacy user who is not in NewUser, naming table and count.
+3. backup    every account table, as `make migrate-data` takes it.
+4. switch    one transaction, legacy writers blocked: lock the legacy tables, final sync,
+             check the references again, re-point each foreign key to NewUser (PostgreSQL:
+             the new constraint NOT VALID, the old one dropped; SQLite: the table rebuilt by
+             Django's schema editor), move admin log entries to NewUser's content type, make
+             the legacy tables read-only with a trigger, record the cut-over in OperationLog.
+5. validate  PostgreSQL: VALIDATE each new constraint, each in its own transaction under
+             `lock_timeout`; this scans the table without blocking its writers.
+
+`rollback()`, run under AUTH_USER_MODEL=account.User:
+
+1. check     the setting and the state; compares each NewUser row with its legacy row under
+             the copy's rules and plans what to carry back: signups (with their ids), changed
+             fields, group and permission links, deleted users. Values the legacy schema cannot
+             hold are reported, and the default policy refuses.
+2. backup    as above.
+3. switch    one transaction, NewUser writers blocked: plan again, carry it back, re-point the
+             foreign keys the cut-over moved back to the legacy table, move admin log entries
+             back, drop the trigger, move the legacy id sequence past the signups, tell the
+             sync ledger both sides are equal, record the rollback.
+4. validate  as above, for the constraints moved back.
+
+Each step leaves the database as it was before it, or done: a killed run is run again.
+Run again after it is done, each changes nothing and says so.
+"""
+
+import csv
+import os
+import time
+from collections import Counter
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from django.apps import apps
+from django.conf import settings
+from django.contrib.contenttypes.models import ContentType
+from django.core.management.base import CommandError
+from django.db import DatabaseError, IntegrityError, OperationalError, connections, transaction
+from django.utils import timezone
+
+from . import usercopy
+from .backup import backup
+from .dbutil import reset_sequences, table_exists
+from .models import NewUser, OperationLog, Profile, SyncState, User
+from .normalize import Rejected, normalize_email, normalize_phone
+
+MODELS = usercopy.CopyModels(
+    legacy=User, new=NewUser, profile=Profile, state=SyncState, log=OperationLog
+)
+SETTING = {User: "account.User", NewUser: "account.NewUser"}
+# The user columns the rollback compares and carries back (NewUser and User share them).
+COLUMNS = (
+    "password",
+    "last_login",
+    "is_superuser",
+    "username",
+    "email",
+    "full_name",
+    "date_of_birth",
+    "phone_number",
+    "is_active",
+    "is_staff",
+)
+ADMIN_LOG = "django_admin_log"
+LOCK_TIMEOUT_SQLSTATE = "55P03"  # lock_not_available
+
+
+class CutoverError(CommandError):
+    """The cut-over or the rollback refused or failed; the message says what to do."""
+
+
+# --- state ------------------------------------------------------------------------------------
+
+
+def _trigger_name(table: str, event: str = "") -> str:
+    return f"{table}_read_only{'_' + event if event else ''}"
+
+
+def is_cut_over(alias: str = "default") -> bool:
+    """True once the cut-over is done: the legacy table carries its read-only trigger."""
+    connection = connections[alias]
+    table = User._meta.db_table
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute(
+                "SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = %s "
+                "AND tgrelid = to_regclass(%s))",
+                [_trigger_name(table), table],
+            )
+        else:
+            cursor.execute(
+                "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND name = %s)",
+                [_trigger_name(table, "insert")],
+            )
+        return bool(cursor.fetchone()[0])
+
+
+def last_cutover(alias: str = "default"):
+    """The OperationLog row of the last successful cut-over or rollback, or None."""
+    kinds = [OperationLog.Kind.CUTOVER, OperationLog.Kind.ROLLBACK]
+    return OperationLog.objects.using(alias).filter(kind__in=kinds, ok=True).first()
+
+
+def _rebase_sync_ledger(models, alias):
+    """After the rollback the two sides are equal: tell the sync's ledger so."""
+    usercopy.mark_in_sync(models, alias=alias)
+
+
+# --- the catalog: foreign keys to a user table --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ForeignKey:
+    """One foreign key constraint to a user table, as the database catalog shows it."""
+
+    table: str
+    columns: tuple[str, ...]
+    ref_columns: tuple[str, ...]
+    name: str = ""  # PostgreSQL's constraint name (SQLite's have none)
+    definition: str = ""  # pg_get_constraintdef()
+    validated: bool = True
+
+    def __str__(self):
+        return f"{self.table}({', '.join(self.columns)})"
+
+
+def _link_tables(model) -> set[str]:
+    """The model's own group and permission link tables (they stay with it)."""
+    return {
+        model._meta.get_field(name).remote_field.through._meta.db_table
+        for name in ("groups", "user_permissions")
+    }
+
+
+def _foreign_keys_to(model, alias) -> list[ForeignKey]:
+    """Every foreign key to `model`'s table in the catalog, except its own link tables."""
+    connection = connections[alias]
+    table = model._meta.db_table
+    own = _link_tables(model)
+    found = []
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute(
+                """SELECT r.relname, c.conname, pg_get_constraintdef(c.oid), c.convalidated,
+                    ARRAY(SELECT a.attname FROM unnest(c.conkey) WITH ORDINALITY k(n, i)
+                          JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.n
+                          ORDER BY k.i),
+                    ARRAY(SELECT a.attname FROM unnest(c.confkey) WITH ORDINALITY k(n, i)
+                          JOIN pg_attribute a ON a.attrelid = c.confrelid AND a.attnum = k.n
+                          ORDER BY k.i)
+                FROM pg_constraint c JOIN pg_class r ON r.oid = c.conrelid
+                WHERE c.contype = 'f' AND c.confrelid = to_regclass(%s)
+                ORDER BY r.relname, c.conname""",
+                [table],
+            )
+            for other, name, definition, validated, cols, ref_cols in cursor.fetchall():
+                if other not in own:
+                    found.append(
+                        ForeignKey(other, tuple(cols), tuple(ref_cols), name, definition, validated)
+                    )
+            return found
+        for other in sorted(connection.introspection.table_names(cursor)):
+            if other in own:
+                continue
+            cursor.execute(f"PRAGMA foreign_key_list({connection.ops.quote_name(other)})")
+            parts: dict[int, list] = {}
+            for fk_id, seq, ref_table, col, ref_col, *_ in cursor.fetchall():
+                if ref_table == table:
+                    parts.setdefault(fk_id, []).append((seq, col, ref_col or "id"))
+            for cols in parts.values():
+                cols.sort()
+                found.append(
+                    ForeignKey(other, tuple(c for _, c, _ in cols), tuple(r for *_, r in cols))
+                )
+    return found
+
+
+def _not_valid_foreign_keys_to(model, alias) -> list[ForeignKey]:
+    if connections[alias].vendor != "postgresql":
+        return []
+    return [fk for fk in _foreign_keys_to(model, alias) if not fk.validated]
+
+
+def _django_field(fk: ForeignKey, target):
+    """SQLite: the model field behind `fk`, which must point at `target` in this deploy."""
+    for model in apps.get_models(include_auto_created=True):
+        if model._meta.db_table == fk.table:
+            for f in model._meta.concrete_fields:
+                if (f.column,) == fk.columns and f.related_model is target:
+                    return model, f
+    raise CutoverError(
+        f"SQLite cannot re-point {fk} to {target._meta.db_table} in place: it is not a foreign "
+        f"key of a Django model to {SETTING[target]} (only those can be rebuilt here). Give "
+        "that table a model, or run the cut-over on PostgreSQL."
+    )
+
+
+def _pointing_at(f, model):
+    """A copy of field `f` (of its model) that points at `model`: the 'before' of alter_field."""
+    name, _path, args, kwargs = f.deconstruct()
+    kwargs["to"] = model
+    clone = f.__class__(*args, **kwargs)
+    clone.set_attributes_from_name(name)
+    clone.model = f.model
+    return clone
+
+
+def _repoint(fk: ForeignKey, source, target, alias, editor, name: str = "") -> str:
+    """Point `fk` at `target`'s table instead of `source`'s; returns the new constraint's name.
+
+    PostgreSQL: the new constraint is added NOT VALID (no scan, a short lock) and the old one
+    dropped; `validate` scans later. It is called `name`, by default the name Django gives
+    such a foreign key (the rollback passes the original name). SQLite: Django's schema editor
+    rebuilds the table.
+    """
+    connection = connections[alias]
+    qn = connection.ops.quote_name
+    src, dst = source._meta.db_table, target._meta.db_table
+    if connection.vendor != "postgresql":
+        model, new_field = _django_field(fk, target)
+        editor.alter_field(model, _pointing_at(new_field, source), new_field)
+        return ""
+    reference = f"REFERENCES {src}("
+    if fk.definition.count(reference) != 1:
+        raise CutoverError(f"Unexpected definition of {fk.name} on {fk.table}: {fk.definition}")
+    definition = fk.definition.replace(reference, f"REFERENCES {dst}(")
+    # Django's own name for this foreign key (its schema editor's naming rule).
+    name = name or editor._create_index_name(
+        fk.table, fk.columns, suffix=f"_fk_{dst}_{fk.ref_columns[0]}"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(f"ALTER TABLE {qn(fk.table)} DROP CONSTRAINT {qn(fk.name)}")
+        cursor.execute(
+            f"ALTER TABLE {qn(fk.table)} ADD CONSTRAINT {qn(name)} {definition} NOT VALID"
+        )
+    return name
+
+
+def _references_without(fk: ForeignKey, target, alias, same_person: str) -> int:
+    """Rows of `fk.table` whose user will not be in `target`'s table as the same person.
+
+    `same_person` is a condition on `t` (the target row) and `s` (the source row it mirrors).
+    """
+    connection = connections[alias]
+    qn = connection.ops.quote_name
+    source = User if target is NewUser else NewUser
+    match = " AND ".join(
+        f"t.{qn(ref)} = r.{qn(col)}" for col, ref in zip(fk.columns, fk.ref_columns, strict=True)
+    )
+    not_null = " AND ".join(f"r.{qn(col)} IS NOT NULL" for col in fk.columns)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""SELECT COUNT(*) FROM {qn(fk.table)} r WHERE {not_null} AND NOT EXISTS (
+                SELECT 1 FROM {qn(target._meta.db_table)} t
+                JOIN {qn(source._meta.db_table)} s ON s.id = t.id AND {same_person}
+                WHERE {match})"""
+        )
+        return cursor.fetchone()[0]
+
+
+def _unmirrored_ids(source, target, alias, same_person: str) -> list[int]:
+    """Ids of `source` rows that have no row in `target` for the same person."""
+    connection = connections[alias]
+    qn = connection.ops.quote_name
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""SELECT s.id FROM {qn(source._meta.db_table)} s WHERE NOT EXISTS (
+                SELECT 1 FROM {qn(target._meta.db_table)} t WHERE s.id = t.id AND {same_person})
+                ORDER BY s.id"""
+        )
+        return [row[0] for row in cursor.fetchall()]
+
+
+def _orphans(fks, target, alias, missing, same_person) -> dict[str, int]:
+    """Rows, per table, that reference a user who will not be in `target`."""
+    found = {}
+    for fk in fks:
+        # A valid constraint guarantees a source row; when every source row is mirrored,
+        # nothing can be orphaned and the table need not be scanned.
+        if not missing and fk.validated:
+            continue
+        if n := _references_without(fk, target, alias, same_person):
+            found[str(fk)] = found.get(str(fk), 0) + n
+    return found
+
+
+def _generic_references(model, alias) -> dict[str, int]:
+    """Rows of tables with a content_type_id/object_id pair that point at `model` (not the
+    admin log, which moves)."""
+    connection = connections[alias]
+    qn = connection.ops.quote_name
+    ct = (
+        ContentType.objects.db_manager(alias)
+        .filter(app_label=model._meta.app_label, model=model._meta.model_name)
+        .first()
+    )
+    found = {}
+    if ct is None:
+        return found
+    with connection.cursor() as cursor:
+        for table in sorted(connection.introspection.table_names(cursor)):
+            if table == ADMIN_LOG:
+                continue
+            names = {c.name for c in connection.introspection.get_table_description(cursor, table)}
+            if {"content_type_id", "object_id"} <= names:
+                cursor.execute(
+                    f"SELECT COUNT(*) FROM {qn(table)} WHERE content_type_id = %s", [ct.pk]
+                )
+                if n := cursor.fetchone()[0]:
+                    found[table] = n
+    return found
+
+
+def _move_admin_log(source, target, alias) -> int:
+    """Admin log entries about `source` users now describe the same ids of `target`."""
+    cts = ContentType.objects.db_manager(alias)
+    old = cts.get_for_model(source, for_concrete_model=False)
+    new = cts.get_for_model(target, for_concrete_model=False)
+    with connections[alias].cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {ADMIN_LOG} SET content_type_id = %s WHERE content_type_id = %s",
+            [new.pk, old.pk],
+        )
+        return cursor.rowcount
+
+
+# --- the read-only trigger -------------------------------------------------------------------
+
+
+def _read_only_message(at) -> str:
+    table = User._meta.db_table
+    return (
+        f"{table} is read-only: the cut-over to account.NewUser ran at "
+        f"{at:%Y-%m-%d %H:%M:%S %Z}. Write to {NewUser._meta.db_table} "
+        "(AUTH_USER_MODEL=account.NewUser), or go back with `make cutover-rollback` "
+        "(AUTH_USER_MODEL=account.User)."
+    )
+
+
+def _make_read_only(alias, message: str) -> None:
+    """A trigger refuses every write to the legacy table, and new links in its link tables.
+
+    Deleting a link stays allowed: deleting a group or permission on the new side takes its
+    legacy links with it (the rollback rewrites the links from NewUser anyway).
+    """
+    connection = connections[alias]
+    qn = connection.ops.quote_name
+    table = User._meta.db_table
+    quoted = message.replace("'", "''")
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            function = qn(_trigger_name(table))
+            cursor.execute(
+                f"""CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $$
+                BEGIN RAISE EXCEPTION USING ERRCODE = 'read_only_sql_transaction',
+                    MESSAGE = '{quoted}'; END $$"""
+            )
+            for t in [table, *sorted(_link_tables(User))]:
+                events = (
+                    "INSERT OR UPDATE OR DELETE OR TRUNCATE" if t == table else "INSERT OR UPDATE"
+                )
+                cursor.execute(
+                    f"CREATE TRIGGER {qn(_trigger_name(t))} BEFORE {events} ON {qn(t)} "
+                    f"FOR EACH STATEMENT EXECUTE FUNCTION {function}()"
+                )
+            return
+        for t in [table, *sorted(_link_tables(User))]:
+            for event in ("insert", "update", "delete") if t == table else ("insert", "update"):
+                cursor.execute(
+                    f"CREATE TRIGGER {qn(_trigger_name(t, event))} BEFORE {event.upper()} "
+                    f"ON {qn(t)} BEGIN SELECT RAISE(ABORT, '{quoted}'); END"
+                )
+
+
+def _make_writable(alias) -> None:
+    connection = connections[alias]
+    qn = connection.ops.quote_name
+    table = User._meta.db_table
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            # Dropping the function drops the triggers that call it.
+            cursor.execute(f"DROP FUNCTION IF EXISTS {qn(_trigger_name(table))}() CASCADE")
+            return
+        for t in [table, *sorted(_link_tables(User))]:
+            for event in ("insert", "update", "delete"):
+                cursor.execute(f"DROP TRIGGER IF EXISTS {qn(_trigger_name(t, event))}")
+
+
+# --- the run: steps, timings, the switch transaction -----------------------------------------
+
+
+@dataclass
+class Outcome:
+    """What a cut-over or rollback did (counts only, no personal data)."""
+
+    kind: str
+    dry_run: bool = False
+    nothing_to_do: bool = False
+    steps: dict = field(default_factory=dict)  # step -> seconds
+    constraints: list = field(default_factory=list)  # {"table", "columns", "from", "to"}
+    validated: list = field(default_factory=list)
+    admin_log_entries: int = 0
+    generic_references: dict = field(default_factory=dict)
+    counts: Counter = field(default_factory=Counter)
+    blocked_seconds: float = 0.0
+    backup: str = ""
+    report: Path | None = None
+    left_behind_ids: list = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {
+            "constraints": self.constraints,
+            "admin_log_entries": self.admin_log_entries,
+            "generic_references": self.generic_references,
+            "counts": dict(sorted(self.counts.items())),
+            "blocked_seconds": round(self.blocked_seconds, 2),
+            "steps": {k: round(v, 2) for k, v in self.steps.items()},
+            "backup": self.backup,
+            # Legacy users NewUser does not hold (rejected by the copy): the rollback must
+            # neither delete them nor take their ids for someone else.
+            "left_behind_ids": self.left_behind_ids,
+        }
+
+
+class _Run:
+    """Shared by the cut-over and the rollback: output, step timings, locks, validation."""
+
+    kind = ""
+    source = target = None  # the user model writes move away from, and the one they move to
+
+    def __init__(self, *, alias, dry_run, skip_invalid, lock_timeout, say):
+        self.alias = alias
+        self.connection = connections[alias]
+        self.dry_run = dry_run
+        self.skip_invalid = skip_invalid
+        self.lock_timeout = lock_timeout
+        self.say = say or (lambda text, level=1: None)
+        self.outcome = Outcome(kind=self.kind, dry_run=dry_run)
+        self.started_at = timezone.now()
+
+    @contextmanager
+    def step(self, name: str, what: str):
+        self.say(f"{name}: {what}")
+        started = time.perf_counter()
+        yield
+        self.outcome.steps[name] = seconds = time.perf_counter() - started
+        self.say(f"{name}: done in {seconds:.1f} s")
+
+    def check_setting(self):
+        running = settings.AUTH_USER_MODEL
+        if running != SETTING[self.target]:
+            command = "cutover" if self.kind == "cutover" else "cutover_rollback"
+            raise CutoverError(
+                f"`{command}` runs with AUTH_USER_MODEL={SETTING[self.target]}; this process "
+                f"has AUTH_USER_MODEL={running}. Set AUTH_USER_MODEL={SETTING[self.target]} "
+                "(in the environment or .env) and run again."
+            )
+        if not (table_exists(User, self.alias) and table_exists(NewUser, self.alias)):
+            raise CutoverError(
+                "The account tables do not exist: run `python manage.py migrate` first."
+            )
+
+    def lock(self, models):
+        """Keep writers off these tables until commit; readers go on (PostgreSQL)."""
+        if self.connection.vendor != "postgresql":
+            return  # SQLite: the IMMEDIATE transaction holds the database's write lock
+        qn = self.connection.ops.quote_name
+        tables = [m._meta.db_table for m in models]
+        for model in models:
+            tables += sorted(_link_tables(model))
+        with self.connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT set_config('lock_timeout', %s, true)", [f"{self.lock_timeout * 1000:.0f}"]
+            )
+            cursor.execute(f"LOCK TABLE {', '.join(qn(t) for t in tables)} IN EXCLUSIVE MODE")
+        self.say(f"  locked {', '.join(tables)} against writers", 2)
+
+    @contextmanager
+    def switch_transaction(self):
+        """One transaction; on SQLite inside Django's schema editor (it rebuilds tables)."""
+        try:
+            if self.connection.vendor == "postgresql":
+                with transaction.atomic(using=self.alias):
+                    yield self.connection.schema_editor(atomic=False)
+            else:
+                with self.connection.schema_editor(atomic=True) as editor:
+                    yield editor
+        except OperationalError as exc:
+            if getattr(exc.__cause__, "sqlstate", None) == LOCK_TIMEOUT_SQLSTATE:
+                raise CutoverError(
+                    f"Could not lock the tables within {self.lock_timeout:g} s: another session "
+                    "is using them (an app instance still running?). Stop it and run again; "
+                    "nothing was changed."
+                ) from exc
+            raise
+        except IntegrityError as exc:
+            first = (str(exc).strip().splitlines() or ["integrity error"])[0]
+            raise CutoverError(
+                f"The database refused the {self.kind} ({first}); nothing was changed. "
+                "Another process may have written meanwhile: stop it and run again."
+            ) from exc
+
+    def repoint(self, fks, editor, names=None):
+        """Re-point each foreign key to `target`; `names`: (table, columns) -> constraint name."""
+        names = names or {}
+        if self.connection.vendor == "postgresql":
+            with self.connection.cursor() as cursor:
+                # Check what the sync deferred now: ALTER TABLE refuses pending trigger events.
+                cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
+        for fk in fks:
+            name = names.get((fk.table, fk.columns), "")
+            name = _repoint(fk, self.source, self.target, self.alias, editor, name)
+            self.outcome.constraints.append(
+                {"table": fk.table, "columns": list(fk.columns), "from": fk.name, "to": name}
+            )
+            self.say(f"  {fk} now references {self.target._meta.db_table}", 2)
+
+    def validate(self):
+        """Scan each NOT VALID constraint to `target`, one transaction each (PostgreSQL)."""
+        for fk in _not_valid_foreign_keys_to(self.target, self.alias):
+            qn = self.connection.ops.quote_name
+            self.say(f"  validating {fk.name} on {fk.table}", 2)
+            try:
+                with transaction.atomic(using=self.alias), self.connection.cursor() as cursor:
+                    cursor.execute(
+                        "SELECT set_config('lock_timeout', %s, true)",
+                        [f"{self.lock_timeout * 1000:.0f}"],
+                    )
+                    cursor.execute(f"ALTER TABLE {qn(fk.table)} VALIDATE CONSTRAINT {qn(fk.name)}")
+            except OperationalError as exc:
+                if getattr(exc.__cause__, "sqlstate", None) != LOCK_TIMEOUT_SQLSTATE:
+                    raise
+                raise CutoverError(
+                    f"The {self.kind} itself is done, but validating {fk.name} on {fk.table} "
+                    f"waited more than {self.lock_timeout:g} s for a lock. Run the same command "
+                    "again to finish the validation."
+                ) from exc
+            self.outcome.validated.append(fk.name)
+
+    def take_backup(self):
+        outcome = backup(directory=settings.BACKUP_DIR)
+        outcome.log(OperationLog.Kind.BACKUP, self.started_at)
+        self.outcome.backup = str(outcome.path)
+        self.say(f"  {outcome.line('backed up')}", 2)
+
+    def record(self, message: str, ok: bool = True):
+        OperationLog.objects.using(self.alias).create(
+            kind=self.kind,
+            ok=ok,
+            started_at=self.started_at,
+            summary=self.outcome.summary(),
+            message=message,
+        )
+
+    def record_failure(self, exc):
+        """A failed run leaves a row too, written outside the rolled-back transaction."""
+        if self.dry_run:
+            return
+        # When the database itself is the problem, the message says so already.
+        with suppress(DatabaseError):
+            self.record(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, ok=False)
+
+
+# --- the cut-over ------------------------------------------------------------------------------
+
+
+class Cutover(_Run):
+    """Move every reference from the legacy user table to NewUser (module docstring: steps)."""
+
+    kind = OperationLog.Kind.CUTOVER
+    source, target = User, NewUser
+    # The same person on both sides: the copy keeps ids, the sync carries renames.
+    same_person = "s.username = t.username"
+
+    def run(self) -> Outcome:
+        self.check_setting()
+        if is_cut_over(self.alias):
+            return self.finish_earlier_run()
+        with self.step("check", "foreign keys to the legacy user table, generic references"):
+            fks = self.check()
+        with self.step("sync", "carry legacy changes into NewUser (copy_users)"):
+            self.sync(fks, final=False)
+        if self.dry_run:
+            return self.outcome
+        with self.step("backup", "every account table"):
+            self.take_backup()
+        blocked = time.perf_counter()
+        with (
+            self.step("switch", "lock, final sync, re-point, read-only trigger, record"),
+            self.switch_transaction() as editor,
+        ):
+            self.lock([User])
+            started = time.perf_counter()
+            self.sync(fks, final=True)
+            self.outcome.steps["final sync"] = time.perf_counter() - started
+            started = time.perf_counter()
+            # Read again under the lock: the catalog is what counts, not what the check saw.
+            self.repoint(_foreign_keys_to(User, self.alias), editor)
+            self.outcome.admin_log_entries = _move_admin_log(User, NewUser, self.alias)
+            self.say(f"  {self.outcome.admin_log_entries} admin log entries moved", 2)
+            _make_read_only(self.alias, _read_only_message(timezone.now()))
+            self.outcome.steps["swap"] = time.perf_counter() - started
+            self.outcome.blocked_seconds = time.perf_counter() - blocked
+            self.record(self.message())
+        self.outcome.blocked_seconds = time.perf_counter() - blocked
+        with self.step("validate", "scan each new constraint (writers not blocked)"):
+            self.validate()
+        return self.outcome
+
+    def finish_earlier_run(self) -> Outcome:
+        """Done before: finish a validation a killed or timed-out run left, else nothing."""
+        self.outcome.nothing_to_do = True
+        pending = _not_valid_foreign_keys_to(NewUser, self.alias)
+        if pending and not self.dry_run:
+            with self.step("validate", f"{len(pending)} constraints left by an earlier run"):
+                self.validate()
+            self.outcome.nothing_to_do = False
+        return self.outcome
+
+    def check(self) -> list[ForeignKey]:
+        fks = _foreign_keys_to(User, self.alias)
+        if self.connection.vendor != "postgresql":
+            for fk in fks:
+                _django_field(fk, NewUser)  # refuses tables SQLite cannot rebuild
+        self.say(f"  {len(fks)} foreign keys to move: {', '.join(map(str, fks)) or 'none'}")
+        self.outcome.generic_references = _generic_references(User, self.alias)
+        for table, n in self.outcome.generic_references.items():
+            self.say(
+                f"  note: {table} has {n} rows whose content_type_id/object_id point at legacy "
+                "users; they are not moved (decide for your app: docs/cutover.md)"
+            )
+        return fks
+
+    def sync(self, fks, *, final: bool):
+        """copy_users, then refuse on conflicts and on rows referencing unmirrored users."""
+        try:
+            result = usercopy.copy_users(
+                MODELS,
+                alias=self.alias,
+                skip_invalid=self.skip_invalid,
+                dry_run=self.dry_run,
+                report_dir=settings.REPORT_DIR,
+            )
+        except usercopy.CopyError as exc:
+            raise CutoverError(f"The sync refused; the cut-over changed nothing: {exc}") from exc
+        for line in result.lines():
+            self.say(f"  {line}", 2)
+        if conflicts := result.conflicts:
+            raise CutoverError(
+                f"{conflicts} users changed on both sides since the last sync (listed in "
+                f"{result.report}): resolve them, run `python manage.py copy_users`, then the "
+                "cut-over again. Nothing was changed."
+            )
+        missing = _unmirrored_ids(User, NewUser, self.alias, self.same_person)
+        self.outcome.left_behind_ids = missing
+        self.outcome.counts.update(
+            legacy_users=User.objects.using(self.alias).count(),
+            new_users=NewUser.objects.using(self.alias).count(),
+            left_behind=len(missing),
+        )
+        orphans = _orphans(fks, NewUser, self.alias, missing, self.same_person)
+        if not orphans:
+            return
+        where = ", ".join(f"{n} rows in {table}" for table, n in orphans.items())
+        if self.dry_run and not result.rejected_total:
+            self.say(f"  {where} reference legacy users the sync would copy now")
+            return
+        raise CutoverError(
+            f"{where} reference legacy users who are not in NewUser (rejected by the copy, or "
+            f"not copied yet; see {result.report or 'the last copy report'}). Fix those users "
+            "so the sync copies them, or delete or re-assign those rows, then run again. "
+            "Nothing was changed."
+        )
+
+    def message(self) -> str:
+        o = self.outcome
+        return (
+            f"{len(o.constraints)} foreign keys re-pointed to {NewUser._meta.db_table}, "
+            f"{o.admin_log_entries} admin log entries moved, {o.counts['new_users']} users in "
+            f"NewUser ({o.counts['left_behind']} legacy users left behind); writers blocked "
+            f"{o.blocked_seconds:.1f} s."
+        )
+
+
+# --- the way back ------------------------------------------------------------------------------
+
+
+@dataclass
+class CarryBack:
+    """What the rollback writes into the legacy table."""
+
+    signups: list = field(default_factory=list)  # (id, *COLUMNS)
+    updates: list = field(default_factory=list)  # (*COLUMNS, id), the final legacy values
+    deletes: list = field(default_factory=list)  # legacy ids deleted on the new side
+    skipped: list = field(default_factory=list)  # NewUser ids not carried (reported)
+    changed: Counter = field(default_factory=Counter)  # field -> users
+    problems: list = field(default_factory=list)  # (id, reason, detail)
+
+
+def _same_value(name, legacy_value, new_value) -> bool:
+    """Does the NewUser value still say what the legacy value says, under the copy's rules?"""
+    if legacy_value == new_value:
+        return True
+    rule = {"email": normalize_email, "phone_number": normalize_phone}.get(name)
+    if rule is None or legacy_value is None:
+        return False
+    try:
+        return rule(legacy_value)[0] == new_value
+    except Rejected:
+        return False
+
+
+class Rollback(_Run):
+    """Carry NewUser's writes back into the legacy table and re-point the foreign keys back."""
+
+    kind = OperationLog.Kind.ROLLBACK
+    source, target = NewUser, User
+    same_person = "1 = 1"  # by id: a user renamed on the new side is the same person
+
+    def run(self) -> Outcome:
+        self.check_setting()
+        if not is_cut_over(self.alias):
+            return self.finish_earlier_run()
+        cutover_log = (
+            OperationLog.objects.using(self.alias)
+            .filter(kind=OperationLog.Kind.CUTOVER, ok=True)
+            .first()
+        )
+        if cutover_log is None:
+            raise CutoverError(
+                "The legacy table is read-only but OperationLog has no record of the cut-over, "
+                "so the rollback cannot tell which foreign keys it moved. Nothing was changed."
+            )
+        self.left_behind = set(cutover_log.summary.get("left_behind_ids", []))
+        # (table, columns) -> the constraint's name before the cut-over, restored on the way back.
+        moved = {
+            (c["table"], tuple(c["columns"])): c["from"] for c in cutover_log.summary["constraints"]
+        }
+        with self.step("check", "compare NewUser with the legacy table under the copy's rules"):
+            fks = self.moved_back(moved)
+            self.say(
+                f"  {len(fks)} foreign keys to move back: {', '.join(map(str, fks)) or 'none'}"
+            )
+            self.report(self.plan())
+        if self.dry_run:
+            return self.outcome
+        with self.step("backup", "every account table"):
+            self.take_backup()
+        blocked = time.perf_counter()
+        with (
+            self.step("switch", "lock, carry back, re-point, drop the trigger, record"),
+            self.switch_transaction() as editor,
+        ):
+            self.lock([NewUser, User])
+            plan = self.plan()
+            self.outcome.counts = Counter()
+            self.report(plan)
+            fks = self.moved_back(moved)  # the catalog under the lock is what counts
+            _make_writable(self.alias)
+            self.carry_back(plan)
+            missing = sorted(set(plan.skipped) - self.existing_legacy_ids(plan.skipped))
+            orphans = _orphans(fks, User, self.alias, missing, self.same_person)
+            if orphans:
+                where = ", ".join(f"{n} rows in {t}" for t, n in orphans.items())
+                raise CutoverError(
+                    f"{where} reference new users the rollback cannot carry back (listed in "
+                    f"{self.outcome.report}). Fix or delete them, then run again. Nothing "
+                    "was changed."
+                )
+            self.repoint(fks, editor, names=moved)
+            self.outcome.admin_log_entries = _move_admin_log(NewUser, User, self.alias)
+            _rebase_sync_ledger(MODELS, self.alias)
+            self.outcome.blocked_seconds = time.perf_counter() - blocked
+            self.record(self.message())
+        self.outcome.blocked_seconds = time.perf_counter() - blocked
+        with self.step("validate", "scan each constraint moved back (writers not blocked)"):
+            self.validate()
+        return self.outcome
+
+    def moved_back(self, moved) -> list[ForeignKey]:
+        """The foreign keys to NewUser that the cut-over moved (the others belong to NewUser)."""
+        fks = [f for f in _foreign_keys_to(NewUser, self.alias) if (f.table, f.columns) in moved]
+        if self.connection.vendor != "postgresql":
+            for fk in fks:
+                _django_field(fk, User)  # refuses tables SQLite cannot rebuild
+        return fks
+
+    def finish_earlier_run(self) -> Outcome:
+        self.outcome.nothing_to_do = True
+        pending = _not_valid_foreign_keys_to(User, self.alias)
+        if pending and not self.dry_run:
+            with self.step("validate", f"{len(pending)} constraints left by an earlier run"):
+                self.validate()
+            self.outcome.nothing_to_do = False
+        return self.outcome
+
+    def plan(self) -> CarryBack:
+        """Compare every NewUser row with its legacy row; decide what goes back."""
+        plan = CarryBack()
+        qn = self.connection.ops.quote_name
+        new_cols = ", ".join(f"n.{qn(c)}" for c in COLUMNS)
+        old_cols = ", ".join(f"l.{qn(c)}" for c in COLUMNS)
+        limits = {c: User._meta.get_field(c).max_length for c in COLUMNS}
+        legacy_t, new_t = qn(User._meta.db_table), qn(NewUser._meta.db_table)
+        kept = self.legacy_usernames_kept()
+        n = len(COLUMNS)
+        with self.connection.chunked_cursor() as cursor:
+            cursor.execute(
+                f"SELECT n.id, l.id, {new_cols}, {old_cols} FROM {new_t} n "
+                f"LEFT JOIN {legacy_t} l ON l.id = n.id ORDER BY n.id"
+            )
+            while rows := cursor.fetchmany(20_000):
+                for row in rows:
+                    pk, in_legacy, new, old = row[0], row[1], row[2 : 2 + n], row[2 + n :]
+                    final, changed = list(new), list(COLUMNS)
+                    if in_legacy is not None:
+                        # Unchanged values keep their legacy form ('9841234567', not E.164).
+                        final, changed = [], []
+                        for name, old_value, new_value in zip(COLUMNS, old, new, strict=True):
+                            same = _same_value(name, old_value, new_value)
+                            final.append(old_value if same else new_value)
+                            if not same:
+                                changed.append(name)
+                        if not changed:
+                            continue
+                    problem = self.problem(pk, dict(zip(COLUMNS, final, strict=True)), limits, kept)
+                    if problem:
+                        plan.problems.append((pk, *problem))
+                        plan.skipped.append(pk)
+                    elif in_legacy is None:
+                        plan.signups.append((pk, *final))
+                    else:
+                        plan.updates.append((*final, pk))
+                        plan.changed.update(changed)
+        # Legacy users gone from NewUser: deleted on the new side, unless left behind.
+        plan.deletes = [
+            pk
+            for pk in _unmirrored_ids(User, NewUser, self.alias, self.same_person)
+            if pk not in self.left_behind
+        ]
+        return plan
+
+    def legacy_usernames_kept(self) -> dict[str, int]:
+        """Usernames of the legacy users left behind by the cut-over (they stay as they are)."""
+        ids = sorted(self.left_behind)
+        found = {}
+        for i in range(0, len(ids), 10_000):
+            for pk, username in (
+                User.objects.using(self.alias)
+                .filter(pk__in=ids[i : i + 10_000])
+                .values_list("pk", "username")
+            ):
+                found[username] = pk
+        return found
+
+    def problem(self, pk, values, limits, kept) -> tuple[str, str] | None:
+        """Why the legacy schema cannot hold this NewUser row, or None."""
+        if pk in self.left_behind:
+            return "id_taken", f"id {pk} belongs to a legacy user the cut-over left behind"
+        for name, limit in limits.items():
+            value = values[name]
+            if limit and value is not None and len(value) > limit:
+                return (
+                    f"{name}_too_long",
+                    f"{name} has {len(value)} characters (legacy max {limit})",
+                )
+        if values["username"] in kept:
+            other = kept[values["username"]]
+            return "username_taken", f"legacy user {other} (left behind) has this username"
+        return None
+
+    def report(self, plan: CarryBack):
+        counts = self.outcome.counts
+        counts.update(
+            signups=len(plan.signups),
+            changed_users=len(plan.updates),
+            deleted=len(plan.deletes),
+            skipped=len(plan.skipped),
+        )
+        counts.update({f"changed_{name}": n for name, n in plan.changed.items()})
+        for name, (added, removed) in self.link_changes(plan, apply=False).items():
+            counts.update({f"{name}_added": added, f"{name}_removed": removed})
+        verb = "would carry back" if self.dry_run else "carries back"
+        self.say(
+            f"  {verb}: {counts['signups']} signups, {counts['changed_users']} changed users, "
+            f"{counts['deleted']} deleted users, link changes "
+            f"{', '.join(f'{k} {v}' for k, v in sorted(counts.items()) if k.endswith(('_added', '_removed'))) or 'none'}"
+        )
+        if not plan.problems:
+            return
+        self.outcome.report = self.write_report(plan.problems)
+        reasons = Counter(reason for _, reason, _ in plan.problems)
+        listed = ", ".join(f"{reason}: {n}" for reason, n in sorted(reasons.items()))
+        if self.skip_invalid:
+            self.say(
+                f"  {len(plan.problems)} new users stay out of the legacy table ({listed}), "
+                f"listed in {self.outcome.report}"
+            )
+            return
+        raise CutoverError(
+            f"{len(plan.problems)} new users cannot be carried back into the legacy table "
+            f"({listed}); nothing was changed. Each is listed in {self.outcome.report}. Fix "
+            "them in NewUser and run again, or leave them out with --skip-invalid."
+        )
+
+    def write_report(self, problems) -> Path:
+        report_dir = Path(settings.REPORT_DIR)
+        report_dir.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+        path = report_dir / f"user-rollback-{stamp}-{os.getpid()}.csv"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with open(fd, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(("new_user_id", "reason", "detail"))
+            writer.writerows(problems)
+        return path
+
+    def existing_legacy_ids(self, ids) -> set[int]:
+        return set(User.objects.using(self.alias).filter(pk__in=ids).values_list("pk", flat=True))
+
+    @contextmanager
+    def excluded(self, plan: CarryBack):
+        """A temporary table of the users whose links stay as they are in the legacy table."""
+        with self.connection.cursor() as cursor:
+            cursor.execute("DROP TABLE IF EXISTS cutover_excluded")
+            cursor.execute("CREATE TEMPORARY TABLE cutover_excluded (id bigint PRIMARY KEY)")
+            ids = sorted(self.left_behind | set(plan.skipped))
+            cursor.executemany("INSERT INTO cutover_excluded (id) VALUES (%s)", [(i,) for i in ids])
+            try:
+                yield
+            finally:
+                cursor.execute("DROP TABLE IF EXISTS cutover_excluded")
+
+    def link_changes(self, plan: CarryBack, *, apply: bool) -> dict[str, tuple[int, int]]:
+        """Make each carried user's legacy group and permission links equal NewUser's."""
+        qn = self.connection.ops.quote_name
+        changes = {}
+        with self.excluded(plan), self.connection.cursor() as cursor:
+            for name in ("groups", "user_permissions"):
+                legacy, l_user, l_other = usercopy.link_table(User, name)
+                new, n_user, n_other = usercopy.link_table(NewUser, name)
+                lt, nt = qn(legacy._meta.db_table), qn(new._meta.db_table)
+                l_user, l_other, n_user, n_other = map(qn, (l_user, l_other, n_user, n_other))
+                stale = (
+                    f"FROM {lt} lk WHERE lk.{l_user} NOT IN (SELECT id FROM cutover_excluded) "
+                    f"AND NOT EXISTS (SELECT 1 FROM {nt} nk WHERE nk.{n_user} = lk.{l_user} "
+                    f"AND nk.{n_other} = lk.{l_other})"
+                )
+                fresh = (
+                    f"SELECT nk.{n_user}, nk.{n_other} FROM {nt} nk "
+                    f"WHERE nk.{n_user} NOT IN (SELECT id FROM cutover_excluded) "
+                    f"AND NOT EXISTS (SELECT 1 FROM {lt} lk WHERE lk.{l_user} = nk.{n_user} "
+                    f"AND lk.{l_other} = nk.{n_other})"
+                )
+                if apply:
+                    cursor.execute(f"DELETE FROM {lt} WHERE id IN (SELECT lk.id {stale})")
+                    removed = cursor.rowcount
+                    cursor.execute(f"INSERT INTO {lt} ({l_user}, {l_other}) {fresh}")
+                    added = cursor.rowcount
+                else:
+                    cursor.execute(f"SELECT COUNT(*) {stale}")
+                    removed = cursor.fetchone()[0]
+                    cursor.execute(f"SELECT COUNT(*) FROM ({fresh}) x")
+                    added = cursor.fetchone()[0]
+                changes[name] = (added, removed)
+        return changes
+
+    def carry_back(self, plan: CarryBack):
+        qn = self.connection.ops.quote_name
+        table = qn(User._meta.db_table)
+        cols = ", ".join(qn(c) for c in COLUMNS)
+        with self.connection.cursor() as cursor:
+            if plan.signups:
+                marks = ", ".join(["%s"] * (len(COLUMNS) + 1))
+                cursor.executemany(
+                    f"INSERT INTO {table} (id, {cols}) VALUES ({marks})", plan.signups
+                )
+            if plan.updates:
+                sets = ", ".join(f"{qn(c)} = %s" for c in COLUMNS)
+                cursor.executemany(f"UPDATE {table} SET {sets} WHERE id = %s", plan.updates)
+        self.link_changes(plan, apply=True)
+        with self.connection.cursor() as cursor:
+            for i in range(0, len(plan.deletes), 10_000):
+                batch = plan.deletes[i : i + 10_000]
+                cursor.execute(
+                    f"DELETE FROM {table} WHERE id IN ({', '.join(['%s'] * len(batch))})", batch
+                )
+        links = [usercopy.link_table(User, name)[0] for name in ("groups", "user_permissions")]
+        reset_sequences([User, *links], self.alias)
+        self.say(
+            f"  carried back {len(plan.signups)} signups, {len(plan.updates)} changed users, "
+            f"deleted {len(plan.deletes)}",
+            2,
+        )
+
+    def message(self) -> str:
+        o = self.outcome
+        return (
+            f"{len(o.constraints)} foreign keys re-pointed back to {User._meta.db_table}; "
+            f"carried back {o.counts['signups']} signups and {o.counts['changed_users']} "
+            f"changed users, deleted {o.counts['deleted']}; writers blocked "
+            f"{o.blocked_seconds:.1f} s."
+        )
+
+
+# --- entry points ------------------------------------------------------------------------------
+
+
+def _run(cls, *, alias, dry_run, skip_invalid, lock_timeout, say) -> Outcome:
+    run = cls(
+        alias=alias, dry_run=dry_run, skip_invalid=skip_invalid, lock_timeout=lock_timeout, say=say
+    )
+    try:
+        return run.run()
+    except CutoverError as exc:
+        run.record_failure(exc)
+        raise
+
+
+def cutover(
+    *,
+    alias: str = "default",
+    dry_run: bool = False,
+    skip_invalid: bool = False,
+    lock_timeout: float = 5.0,
+    say=None,
+) -> Outcome:
+    """Move the database from the legacy user table to NewUser (see the module docstring)."""
+    return _run(
+        Cutover,
+        alias=alias,
+        dry_run=dry_run,
+        skip_invalid=skip_invalid,
+        lock_timeout=lock_timeout,
+        say=say,
+    )
+
+
+def rollback(
+    *,
+    alias: str = "default",
+    dry_run: bool = False,
+    skip_invalid: bool = False,
+    lock_timeout: float = 5.0,
+    say=None,
+) -> Outcome:
+    """Move the database back to the legacy user table, carrying NewUser's writes with it."""
+    return _run(
+        Rollback,
+        alias=alias,
+        dry_run=dry_run,
+        skip_invalid=skip_invalid,
+        lock_timeout=lock_timeout,
+        say=say,
+    )
