@@ -310,6 +310,39 @@ def test_the_cutover_carries_legacy_changes_made_since_the_last_sync(deploy):
     assert deploy.one("SELECT username FROM account_newuser WHERE id = %s", [carol]) == "carol"
 
 
+def test_the_cutover_carries_a_ban_a_password_change_and_a_deletion(deploy):
+    if ON_POSTGRESQL:  # the project's own rows go with the user, as its app would delete them
+        for table in ("shop_order", "shop_team_members"):
+            deploy.sql(
+                f"DELETE FROM {table} WHERE user_id = "
+                "(SELECT id FROM account_user WHERE username = 'user7')"
+            )
+    deploy.python(
+        OLD,
+        "from account.models import User\n"
+        "alice = User.objects.get(username='alice'); alice.set_password('new-pass'); alice.save()\n"
+        "User.objects.filter(username='bob').update(is_active=False)\n"
+        "User.objects.filter(username='user7').delete()",
+    )
+    deploy.cutover()
+    out = deploy.python(
+        NEW,
+        "from django.contrib.auth import authenticate\n"
+        "from account.models import NewUser\n"
+        "print(authenticate(username='alice', password='new-pass') is not None,"
+        " authenticate(username='alice', password='alice-pass') is None,"
+        " NewUser.objects.get(username='bob').is_active,"
+        " NewUser.objects.filter(username='user7').exists())",
+    )
+    assert out.split()[-4:] == ["True", "True", "False", "False"]
+
+
+def test_the_sync_refuses_after_the_cutover_naming_the_way_back(deploy):
+    deploy.cutover()
+    proc = deploy.manage(NEW, "copy_users")
+    assert_clean_failure(proc, "The cut-over is done", "make cutover-rollback")
+
+
 def test_the_cutover_is_recorded_and_shown_on_the_status_page(deploy):
     deploy.cutover()
     out = deploy.python(
