@@ -31,6 +31,7 @@ _PLAIN_EMAIL = re.compile(r"[a-z0-9]+(?:[._][a-z0-9]+)*@[a-z0-9]+(?:[.-][a-z0-9]
 # "9841234567 x12", "9841234567 ext. 12", "9841234567#12": an extension the new field would drop.
 _EXTENSION = re.compile(r"(?:e?xt?\.?|extension|#)\s*[0-9]+\s*$", re.IGNORECASE | re.ASCII)
 _E164 = re.compile(r"\+[1-9][0-9]{1,14}")
+_NP_PREFIX = "+977"  # Nepal's country code: what follows it is the national number
 
 
 class Rejected(ValueError):
@@ -138,10 +139,13 @@ def phone_matches(legacy: str, stored: str) -> bool:
     The legacy digits may carry the country code (after '+', or '00', or as they are), or be
     the national number with or without the national prefix (0 in Nepal).
     """
-    try:
-        digits, plus = _phone_digits(legacy)
-    except Rejected:
-        return False
+    if legacy.isascii() and legacy.isdigit():
+        digits, plus = legacy, False  # the common case, without the per-character loop
+    else:
+        try:
+            digits, plus = _phone_digits(legacy)
+        except Rejected:
+            return False
     if not digits:
         return stored == ""
     if not _E164.fullmatch(stored):
@@ -149,7 +153,10 @@ def phone_matches(legacy: str, stored: str) -> bool:
     full = stored[1:]
     if plus:
         return digits == full
-    national = phonenumbers.national_significant_number(phonenumbers.parse(stored))
+    if stored.startswith(_NP_PREFIX):
+        national = stored[len(_NP_PREFIX) :]
+    else:
+        national = phonenumbers.national_significant_number(phonenumbers.parse(stored))
     prefix = phonenumbers.PhoneMetadata.metadata_for_region(PHONE_REGION).national_prefix or ""
     return digits in {full, "00" + full, national, prefix + national}
 

@@ -449,24 +449,28 @@ class Sync:
         joins, legacy_digest = self.digest(m.legacy, "l", correlated=False)
         _, new_digest = self.digest(m.new, "n", correlated=True)
         new_t, state_t = self.table(m.new), self.table(m.state)
+        digest_type = "uuid" if pg else "char(32)"
         self.sql(
-            f"CREATE TEMP TABLE {PLAN} (id bigint PRIMARY KEY, action varchar(10))"
-            + (" ON COMMIT DROP" if pg else "")
+            f"CREATE TEMP TABLE {PLAN} (id bigint PRIMARY KEY, action varchar(10), "
+            f"legacy_digest {digest_type})" + (" ON COMMIT DROP" if pg else "")
         )
+        # The legacy digest is kept: `record` writes it, as the snapshot had it.
         self.sql(
-            f"""INSERT INTO {PLAN} (id, action)
-            SELECT l.id, CASE
-                WHEN s.user_id IS NULL THEN CASE
-                    WHEN EXISTS (SELECT 1 FROM {new_t} n WHERE n.id = l.id) THEN 'id_taken'
+            f"""INSERT INTO {PLAN} (id, action, legacy_digest)
+            SELECT x.id, CASE
+                WHEN x.synced IS NULL THEN CASE
+                    WHEN EXISTS (SELECT 1 FROM {new_t} n WHERE n.id = x.id) THEN 'id_taken'
                     ELSE 'insert' END
-                WHEN NOT EXISTS (SELECT 1 FROM {new_t} n WHERE n.id = l.id) THEN 'gone'
-                WHEN (SELECT {new_digest} FROM {new_t} n WHERE n.id = l.id) <> s.new_digest
+                WHEN NOT EXISTS (SELECT 1 FROM {new_t} n WHERE n.id = x.id) THEN 'gone'
+                WHEN (SELECT {new_digest} FROM {new_t} n WHERE n.id = x.id) <> x.new_then
                     THEN 'conflict'
-                ELSE 'update' END
-            FROM {self.table(m.legacy)} l
-            LEFT JOIN {state_t} s ON s.user_id = l.id
-            {joins}
-            WHERE s.user_id IS NULL OR {legacy_digest} <> s.legacy_digest"""
+                ELSE 'update' END, x.digest
+            FROM (SELECT l.id, s.user_id AS synced, s.legacy_digest AS legacy_then,
+                    s.new_digest AS new_then, {legacy_digest} AS digest
+                FROM {self.table(m.legacy)} l
+                LEFT JOIN {state_t} s ON s.user_id = l.id
+                {joins}) x
+            WHERE x.synced IS NULL OR x.digest <> x.legacy_then"""
         )
         if pg:
             self.sql(f"ANALYZE {PLAN}")
@@ -510,12 +514,15 @@ class Sync:
         keeps_key = (
             f"EXISTS (SELECT 1 FROM {new_t} n WHERE n.id = p.id AND LOWER(n.{new_email}) = {key})"
         )
+        if not m.new.objects.using(self.alias).exists():
+            keeps_key = "1 = 0"  # the first copy: no new user keeps anything
+        rows = f"{PLAN} p JOIN {legacy_t} l ON l.id = p.id"
+        changing = f"{written} AND NOT {keeps_key}"
         for pk, shared, n in self.sql(
-            f"""SELECT id, k, n FROM (
-                SELECT p.id, {key} AS k, COUNT(*) OVER (PARTITION BY {key}) AS n
-                FROM {PLAN} p JOIN {legacy_t} l ON l.id = p.id
-                WHERE {written} AND NOT {keeps_key}) shared
-            WHERE n > 1"""
+            f"""SELECT p.id, g.k, g.n FROM {rows}
+            JOIN (SELECT {key} AS k, COUNT(*) AS n FROM {rows} WHERE {changing}
+                GROUP BY {key} HAVING COUNT(*) > 1) g ON g.k = {key}
+            WHERE {changing}"""
         ):
             self.bad[pk] = (
                 "email_duplicate",
@@ -883,9 +890,10 @@ class Sync:
         ]
 
     def record(self):
-        """Write the digests of every user this sync wrote: the next sync compares with them."""
+        """Write the digests of every user this sync wrote: the next sync compares with them.
+
+        The legacy digest is the one the plan computed from the snapshot."""
         m = self.models
-        legacy_joins, legacy_digest = self.digest(m.legacy, "l", correlated=False)
         new_joins, new_digest = self.digest(m.new, "n", correlated=False)
         state_t, new_t = self.table(m.state), self.table(m.new)
         this_run = f"n.{self.column(m.new, 'updated_at')} = %s"
@@ -895,9 +903,9 @@ class Sync:
         )
         self.sql(
             f"""INSERT INTO {state_t} (user_id, legacy_digest, new_digest, synced_at)
-            SELECT n.id, {legacy_digest}, {new_digest}, %s
-            FROM {new_t} n JOIN {self.table(m.legacy)} l ON l.id = n.id
-            {legacy_joins} {new_joins}
+            SELECT n.id, p.legacy_digest, {new_digest}, %s
+            FROM {new_t} n JOIN {PLAN} p ON p.id = n.id
+            {new_joins}
             WHERE {this_run}""",
             [self.at, self.at],
         )
