@@ -81,8 +81,9 @@ check-data: install ## Pre-flight: list every legacy row the new schema cannot t
 migrate-data: install ## Pre-flight, backup, then copy or re-sync legacy users into NewUser (SKIP_INVALID=1 to leave bad rows behind)
 	$(SKIP_ENV) $(PY) manage.py check_user_migration -v 0
 	$(PY) scripts/backup.py
-	@if $(PY) manage.py migrate --check >/dev/null 2>&1; then \
-	    echo "$(SKIP_ENV) $(PY) manage.py copy_users"; $(SKIP_ENV) $(PY) manage.py copy_users; \
+	@if $(PY) manage.py showmigrations account 2>/dev/null | grep -q '\[X\] 0002'; then \
+	    echo "$(PY) manage.py migrate --no-input && $(SKIP_ENV) $(PY) manage.py copy_users"; \
+	    $(PY) manage.py migrate --no-input -v 0 && $(SKIP_ENV) $(PY) manage.py copy_users; \
 	else \
 	    echo "$(SKIP_ENV) $(PY) manage.py migrate --no-input"; $(SKIP_ENV) $(PY) manage.py migrate --no-input; \
 	fi

@@ -404,3 +404,14 @@ def test_after_a_restore_the_next_sync_carries_what_changed_since_the_backup(run
     User.objects.all().delete()
     NewUser.objects.all().delete()
     SyncState.objects.all().delete()
+
+
+def test_migrate_refusing_the_copy_ends_in_one_line_without_a_class_name(fresh_database_url):
+    from .conftest import assert_clean_failure, manage
+
+    assert manage("migrate", "account", "0001", url=fresh_database_url).returncode == 0
+    code = "from account.models import User; User.objects.create(username='x', email='bad')"
+    assert manage("shell", "-c", code, url=fresh_database_url).returncode == 0
+    proc = manage("migrate", url=fresh_database_url)
+    assert_clean_failure(proc, "migrate: error: 1 legacy users cannot be synced")
+    assert "CopyError" not in proc.stdout + proc.stderr
