@@ -8,9 +8,11 @@ DATABASE_URL when it names an empty database (PostgreSQL). Each deploy is a proc
 with its own AUTH_USER_MODEL, as on a real server:
   1. deploy 1 (AUTH_USER_MODEL=account.User): migrate, N fake legacy users, the sync fills
      NewUser; a user signs in to the old app and gets a session cookie;
-  2. the old app keeps living: a user signs up; the cut-over's final sync will carry them;
+  2. the old app keeps living: an admin bans a user, a user signs up; the cut-over's final
+     sync will carry both;
   3. deploy 2 (AUTH_USER_MODEL=account.NewUser): `manage.py cutover`;
-  4. the new app: the same session cookie is still signed in; the late signup arrived; an old
+  4. the new app: the same session cookie is still signed in; the late signup arrived, the ban
+     too; an old
      app instance that still writes to the legacy table is refused, with the way back.
 """
 
@@ -76,7 +78,8 @@ def main(n: str) -> None:
     step("   The sync makes NewUser a mirror", OLD, "manage.py", "copy_users")
     cookie = in_app(OLD, "sign_in").split()[-1]
 
-    print("\n=== 2. The old app keeps living: one more user signs up", flush=True)
+    print("\n=== 2. The old app keeps living: an admin bans a user, one more user signs up")
+    banned = in_app(OLD, "ban").split()[-1]
     late = in_app(OLD, "sign_up").split()[-1]
 
     step("3. Deploy 2: the cut-over (the old app is stopped)", NEW, "manage.py", "cutover")
@@ -84,6 +87,7 @@ def main(n: str) -> None:
     print("\n=== 4. The new app, with the same session cookie", flush=True)
     in_app(NEW, "account_page", cookie)
     in_app(NEW, "find", late)
+    in_app(NEW, "check_banned", banned)
     print("\n   An old app instance still running tries to write to the legacy table:")
     in_app(OLD, "old_write")
     print(
@@ -126,6 +130,23 @@ def app_sign_up():
 
     user = User.objects.create_user("late.signup", "late@example.com", PASSWORD)
     print(f"late.signup signed up in the old app after the sync: legacy id {user.pk}")
+
+
+def app_ban():
+    from account.models import User
+
+    # Not the user signed in above (the last one): a ban would end their session, rightly.
+    user = User.objects.filter(is_active=True, is_staff=False).order_by("pk").first()
+    User.objects.filter(pk=user.pk).update(is_active=False)
+    print(f"{user.username} banned in the old app after the sync: legacy id {user.pk}")
+
+
+def app_check_banned(pk):
+    from account.models import NewUser
+
+    if NewUser.objects.get(pk=pk).is_active:
+        sys.exit(f"User {pk} was banned in the old app but is active in NewUser.")
+    print(f"User {pk} is banned in NewUser too: the cut-over's sync carried the ban.")
 
 
 def app_account_page(cookie):
