@@ -777,3 +777,21 @@ def test_sqlite_refuses_a_table_django_does_not_know_in_one_line(deploy):
     proc = deploy.manage(NEW, "cutover")
     assert_clean_failure(proc, "SQLite cannot re-point shop_order(user_id) to account_newuser")
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_the_cutover_demo_tells_the_whole_story(fresh_database_url, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "demo_cutover.py"), "60"],
+        cwd=ROOT,
+        env=subprocess_env(
+            fresh_database_url, REPORT_DIR=tmp_path / "reports", BACKUP_DIR=tmp_path / "b"
+        ),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for line in ("GET /account/me/ -> 200", "the cut-over's sync carried the ban",
+                 "the cut-over's sync carried them", "refused: account_user is read-only"):  # fmt: skip
+        assert line in proc.stdout, proc.stdout
