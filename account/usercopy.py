@@ -958,8 +958,13 @@ def referencing_columns(table, alias) -> list[tuple[str, str]]:
     return sorted(found)
 
 
-def mark_in_sync(models: CopyModels, *, alias: str = "default") -> int:
-    """Record both sides as synced as they are now (after a rollback made them equal)."""
+def mark_in_sync(models: CopyModels, *, alias: str = "default", exclude=()) -> int:
+    """Record both sides as synced as they are now (after a rollback made them equal).
+
+    Users in `exclude` (a rollback left them out: their two sides differ) are recorded with a
+    new-side digest that matches nothing, so the next sync reports them as conflicts instead
+    of taking the two sides for equal.
+    """
     sync = Sync(models, alias, False, False, 0, None, None)
     m = models
     legacy_joins, legacy_digest = sync.digest(m.legacy, "l", correlated=False)
@@ -974,6 +979,10 @@ def mark_in_sync(models: CopyModels, *, alias: str = "default") -> int:
             {legacy_joins} {new_joins}""",
             [sync.at],
         )
+        for chunk in _chunks(sorted(exclude), SMALL):
+            m.state.objects.using(alias).filter(pk__in=chunk).update(
+                new_digest="00000000-0000-0000-0000-000000000000"
+            )
         return m.state.objects.using(alias).count()
 
 
@@ -986,6 +995,14 @@ def uncopy_users(models: CopyModels, *, alias: str = "default") -> int:
     row in any other table pointing at NewUser (addresses, the admin log, ...) means the new
     schema is in use: deleting it would lose data, so nothing is deleted.
     """
+    from .cutover import is_cut_over  # it imports this module
+
+    if is_cut_over(alias):
+        raise CopyError(
+            "Refusing to undo the user copy: the cut-over is done and NewUser is the live user "
+            "table; undoing the copy would delete every user. Go back with `make "
+            "cutover-rollback` (AUTH_USER_MODEL=account.User) first."
+        )
     sync = Sync(models, alias, False, False, 0, None, None)
     m, qn = models, sync.qn
     own = [sync.links(m.new, name)[0]._meta.db_table for name in LINKS]

@@ -795,3 +795,10 @@ def test_the_cutover_demo_tells_the_whole_story(fresh_database_url, tmp_path):
     for line in ("GET /account/me/ -> 200", "the cut-over's sync carried the ban",
                  "the cut-over's sync carried them", "refused: account_user is read-only"):  # fmt: skip
         assert line in proc.stdout, proc.stdout
+
+
+def test_undoing_the_copy_after_the_cutover_is_refused(deploy):
+    deploy.cutover()
+    proc = deploy.manage(NEW, "migrate", "account", "0001")
+    assert_clean_failure(proc, "the cut-over is done", "make cutover-rollback")
+    assert deploy.one("SELECT COUNT(*) FROM account_newuser") > 0
