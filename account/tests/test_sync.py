@@ -415,3 +415,24 @@ def test_migrate_refusing_the_copy_ends_in_one_line_without_a_class_name(fresh_d
     proc = manage("migrate", url=fresh_database_url)
     assert_clean_failure(proc, "migrate: error: 1 legacy users cannot be synced")
     assert "CopyError" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_sync_reads_in_one_repeatable_read_snapshot(tmp_path):
+    if connection.vendor != "postgresql":
+        pytest.skip("SQLite serialises writers with BEGIN IMMEDIATE instead")
+    make_legacy("alice", "alice@example.com")
+    seen = []
+
+    def on_start(total):
+        with connection.cursor() as cursor:
+            cursor.execute("SHOW transaction_isolation")
+            seen.append(cursor.fetchone()[0])
+
+    try:
+        usercopy.copy_users(_models(), report_dir=tmp_path, on_start=on_start)
+        assert seen == ["repeatable read"]
+    finally:
+        User.objects.all().delete()
+        NewUser.objects.all().delete()
+        SyncState.objects.all().delete()
