@@ -35,12 +35,15 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	@touch $@
 
 # A new .env gets its own random SECRET_KEY (settings refuse to start without one when DEBUG is
-# off, which is the default) and mode 0600, since it holds that key.
+# off, which is the default) and POSTGRES_PASSWORD (URL-safe: docker-compose.yml puts it in a
+# URL as it is), and mode 0600, since it holds them.
 install: $(VENV)/.installed ## Create .venv, install the pinned requirements, create .env if missing (DEBUG off)
 	@test -f .env || { \
 	    key=$$($(PY) -c 'import secrets; print(secrets.token_urlsafe(50))') && \
-	    (umask 077 && sed "s/^SECRET_KEY=.*/SECRET_KEY=$$key/" .env.example > .env) && \
-	    echo "Created .env from .env.example with a new random SECRET_KEY (DEBUG off)."; }
+	    password=$$($(PY) -c 'import secrets; print(secrets.token_urlsafe(24))') && \
+	    (umask 077 && sed -e "s/^SECRET_KEY=.*/SECRET_KEY=$$key/" \
+	        -e "s/^POSTGRES_PASSWORD=.*/POSTGRES_PASSWORD=$$password/" .env.example > .env) && \
+	    echo "Created .env from .env.example with a new random SECRET_KEY and POSTGRES_PASSWORD (DEBUG off)."; }
 
 demo: install ## Run the whole flow end to end: populate, pre-flight, back up, copy, log in (SQLite unless DATABASE_URL)
 	$(PY) scripts/demo.py

@@ -1,8 +1,10 @@
 """Fixtures shared by the tests: subprocess runners against the test database, legacy data."""
 
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 import uuid
 from datetime import UTC, datetime
 from io import StringIO
@@ -53,6 +55,34 @@ def manage(*args, url=None, timeout=300, env=None, **extra):
         text=True,
         timeout=timeout,
     )
+
+
+def run_as_group(args, *, timeout: float, **popen_kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run(args, capture_output=True, text=True, timeout=timeout), except that the
+    command runs in a session of its own and a timeout kills its whole process group: `make up`
+    and the `docker compose up` it started, not only make. (subprocess.run kills the first
+    process alone, then waits for ever on the output pipes the survivors hold open.) The output
+    goes through files, which nothing left behind can block."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(
+            args, stdout=out, stderr=err, start_new_session=True, **popen_kwargs
+        )
+        try:
+            proc.wait(timeout=timeout)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            timed_out = True
+        stdout, stderr = (_read_from_start(file) for file in (out, err))
+    if timed_out:
+        raise subprocess.TimeoutExpired(args, timeout, output=stdout, stderr=stderr)
+    return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
+
+
+def _read_from_start(file) -> str:
+    file.seek(0)
+    return file.read().decode(errors="replace")
 
 
 def assert_clean_failure(proc, *fragments):

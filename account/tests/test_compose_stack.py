@@ -5,8 +5,12 @@ Needs a container engine that answers `docker info` (Docker, or podman behind th
 and `docker compose` (v2). Without one these tests are skipped with the reason; with
 REQUIRE_DOCKER=1 in the environment (.ci/run sets it) they fail instead. Each run has its own
 project name, a throwaway .env and free ports, and `docker compose down -v` removes its
-containers, network and volumes even when a step fails. The image is tagged `accounts-web`
-(docker-compose.yml), as `make up` tags it, so runs replace it instead of piling up.
+containers, network and volumes even when a step fails; then the engine is asked for anything
+left with the project's label. A command that runs too long is killed with every process it
+started (`make up` and its `docker compose up`), so nothing races `down -v`. The image is tagged
+`accounts-web` (docker-compose.yml), as `make up` tags it: a build after a code change moves
+the tag and leaves the previous image dangling, as every rebuild does (`docker image prune`
+removes those).
 """
 
 import http.cookiejar
@@ -15,9 +19,11 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
@@ -29,7 +35,7 @@ import pytest
 
 from account.fakedata import DEFAULT_PASSWORD
 
-from .conftest import ROOT
+from .conftest import ROOT, assert_clean_failure, run_as_group
 
 pytestmark = pytest.mark.slow
 
@@ -37,6 +43,8 @@ POPULATE = 2000
 APP_UID = "10001"  # the Dockerfile's app user
 # populate makes 3% of the users inactive: they cannot log in.
 ACTIVE_USER = "SELECT username FROM account_newuser WHERE is_active ORDER BY id LIMIT 1"
+IMAGE = "accounts-web"  # docker-compose.yml's web image
+PROJECT_LABEL = "com.docker.compose.project"
 
 
 def engine_problem() -> str | None:
@@ -44,13 +52,13 @@ def engine_problem() -> str | None:
     if not shutil.which("docker"):
         return "the docker command is not installed"
     try:
-        info = subprocess.run(["docker", "info"], capture_output=True, text=True, timeout=30)
+        info = run_as_group(["docker", "info"], timeout=30)
     except subprocess.TimeoutExpired:
         return "`docker info` did not answer within 30 s"
     if info.returncode != 0:
         last = (info.stderr.strip().splitlines() or ["no output"])[-1]
         return f"no container engine answers `docker info` ({last})"
-    version = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True)
+    version = run_as_group(["docker", "compose", "version"], timeout=30)
     if version.returncode != 0:
         return "`docker compose` (Compose v2) is not installed"
     return None
@@ -81,6 +89,11 @@ def docker_env(**extra) -> dict:
     return env
 
 
+def docker(*args, timeout=60) -> subprocess.CompletedProcess:
+    """`docker ARGS`, in the clean environment."""
+    return run_as_group(["docker", *args], cwd=ROOT, env=docker_env(), timeout=timeout)
+
+
 @dataclass
 class Stack:
     """One compose project of docker-compose.yml, with its own .env and ports."""
@@ -91,6 +104,7 @@ class Stack:
     db_port: int
     up: subprocess.CompletedProcess | None = None
     timings: dict = field(default_factory=dict)
+    image_bytes: int | None = None
 
     @property
     def url(self) -> str:
@@ -105,9 +119,7 @@ class Stack:
         )
 
     def run(self, *args, timeout=120) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            args, cwd=ROOT, env=self.env(), capture_output=True, text=True, timeout=timeout
-        )
+        return run_as_group(args, cwd=ROOT, env=self.env(), timeout=timeout)
 
     @contextmanager
     def timed(self, step: str):
@@ -132,10 +144,41 @@ class Stack:
         assert proc.returncode == 0, proc.stderr
         return proc.stdout.strip()
 
+    def leftovers(self) -> list[str]:
+        """The containers, volumes and networks the engine still holds with this project's label."""
+        label = f"label={PROJECT_LABEL}={self.project}"
+        found = []
+        for kind, listing in (("containers", ("ps", "-aq")), ("volumes", ("volume", "ls", "-q")),
+                              ("networks", ("network", "ls", "-q"))):  # fmt: skip
+            proc = docker(*listing, "--filter", label)
+            if proc.returncode != 0:
+                found.append(f"{kind} unknown (`docker {' '.join(listing)}` failed)")
+            elif proc.stdout.split():
+                found.append(f"{kind} {' '.join(proc.stdout.split())}")
+        return found
+
+    def remove(self) -> list[str]:
+        """`docker compose down -v`; what went wrong, and anything of the project left behind."""
+        try:
+            down = self.compose("down", "-v", "--remove-orphans", "--timeout", "5")
+            problems = [] if down.returncode == 0 else [f"`down -v` failed: {down.stderr.strip()}"]
+        except subprocess.TimeoutExpired:
+            problems = ["`down -v` did not end within 120 s"]
+        left = self.leftovers()
+        if left:
+            problems.append(f"project {self.project} left behind: {'; '.join(left)}")
+        return problems
+
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert proc.returncode == 0, f"{proc.args}\n{proc.stdout}\n{proc.stderr}"
     return proc
+
+
+def image_size(name: str) -> int | None:
+    """The image's size in bytes, as `docker images` counts it; None when it is not there."""
+    proc = docker("image", "inspect", name, "--format", "{{.Size}}")
+    return int(proc.stdout) if proc.returncode == 0 else None
 
 
 def report(pytestconfig, line: str) -> None:
@@ -166,16 +209,42 @@ def stack(engine, tmp_path_factory, pytestconfig):
     try:
         with stack.timed("build"):
             ok(stack.compose("build", "web", timeout=900))
+        stack.image_bytes = image_size(IMAGE)
         with stack.timed("make up"):
             stack.up = ok(stack.run("make", "-s", "up", timeout=300))
         yield stack
     finally:
         with stack.timed("down -v"):
-            down = stack.compose("down", "-v", "--remove-orphans", "--timeout", "5")
+            problems = stack.remove()
         stack.timings["all"] = time.monotonic() - started
         figures = ", ".join(f"{step} {secs:.1f} s" for step, secs in stack.timings.items())
-        report(pytestconfig, f"Docker stack timings: {figures}")
-        assert down.returncode == 0, f"docker compose down -v failed: {down.stderr}"
+        size = f"{stack.image_bytes / 1e6:.0f} MB" if stack.image_bytes else "not built"
+        report(pytestconfig, f"Docker stack timings: {figures}; image {IMAGE}: {size}")
+        assert not problems, "\n".join(problems)
+
+
+def test_a_command_that_times_out_is_killed_with_every_process_it_started():
+    """As `make up` and the `docker compose up` it starts: nothing is left to race `down -v`."""
+    with pytest.raises(subprocess.TimeoutExpired) as timeout:
+        run_as_group(["sh", "-c", "sleep 600 & echo $!; wait"], timeout=1)
+    child = int(timeout.value.output)
+    try:
+        deadline = time.monotonic() + 5
+        while is_running(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not is_running(child), "the command's child survived the timeout"
+    finally:
+        if is_running(child):
+            os.kill(child, signal.SIGKILL)
+
+
+def is_running(pid: int) -> bool:
+    """Whether the process exists and is not a zombie (killed, waiting for its parent)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def test_make_up_waits_until_both_services_are_healthy_and_prints_the_url(stack):
@@ -260,19 +329,37 @@ def test_the_backup_is_mode_0600_and_owned_by_the_app_user(stack, flow):
     assert ok(stack.web("stat", "-c", "%a %u", str(flow.backup))).stdout.split() == ["600", APP_UID]
 
 
+class Browser:
+    """Cookies kept between requests; a POST carries the Origin header, as browsers send it."""
+
+    def __init__(self, stack: Stack):
+        self.url = stack.url
+        self.opener = urllib.request.build_opener(
+            urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar())
+        )
+
+    def get(self, path: str) -> str:
+        with self.opener.open(f"{self.url}{path}", timeout=10) as response:
+            return response.read().decode()
+
+    def post(self, path: str, fields: dict) -> tuple[str, str]:
+        """The final URL (after redirects) and the page."""
+        request = urllib.request.Request(
+            f"{self.url}{path}", data=urllib.parse.urlencode(fields).encode(),
+            headers={"Origin": self.url},
+        )  # fmt: skip
+        with self.opener.open(request, timeout=30) as response:
+            return response.geturl(), response.read().decode()
+
+
 def log_in(stack: Stack, username: str, password: str) -> tuple[str, str]:
-    """Log in through /login/ as a browser does (CSRF cookie and token); the final URL and page."""
-    opener = urllib.request.build_opener(
-        urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar())
-    )
-    with opener.open(f"{stack.url}/login/", timeout=10) as response:
-        form = response.read().decode()
+    """Log in through /login/ as a browser does (CSRF cookie, token and Origin header); the
+    final URL and page."""
+    browser = Browser(stack)
+    form = browser.get("/login/")
     token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', form).group(1)
-    data = urllib.parse.urlencode(
-        {"csrfmiddlewaretoken": token, "username": username, "password": password}
-    ).encode()
-    with opener.open(f"{stack.url}/login/", data=data, timeout=30) as response:
-        return response.geturl(), response.read().decode()
+    fields = {"csrfmiddlewaretoken": token, "username": username, "password": password}
+    return browser.post("/login/", fields)
 
 
 def test_a_migrated_user_logs_in_with_the_populate_password_over_the_published_port(stack, flow):
@@ -288,17 +375,48 @@ def test_a_wrong_password_does_not_log_in(stack, flow):
     assert url == f"{stack.url}/login/"
 
 
-def test_users_and_backups_survive_make_down_and_make_up(stack, flow):
-    """`make down` removes the containers; only the named volumes keep the data."""
-    before = {name: stack.sql(f"SELECT count(*) FROM {name}") for name in
-              ("account_user", "account_newuser", "account_profile")}  # fmt: skip
-    ids = ok(stack.compose("ps", "-q")).stdout.split()
+def test_a_login_post_without_the_csrf_token_is_refused_with_403(stack, flow):
+    browser = Browser(stack)
+    browser.get("/login/")  # the CSRF cookie, but the form's token is left out
+    fields = {"username": stack.sql(ACTIVE_USER), "password": DEFAULT_PASSWORD}
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        browser.post("/login/", fields)
+    assert refused.value.code == 403
+    assert "CSRF verification failed" in refused.value.read().decode()
+
+
+TABLES = ("account_user", "account_newuser", "account_profile")
+
+
+@dataclass
+class Restart:
+    counts: dict
+    containers: list
+
+
+@pytest.fixture(scope="module")
+def restarted(stack, flow) -> Restart:
+    """`make down` (removes the containers) then `make up`; the row counts and containers before."""
+    before = Restart(counts={name: stack.sql(f"SELECT count(*) FROM {name}") for name in TABLES},
+                     containers=ok(stack.compose("ps", "-q")).stdout.split())  # fmt: skip
     with stack.timed("make down, make up"):
         ok(stack.run("make", "-s", "down"))
         ok(stack.run("make", "-s", "up", timeout=300))
-    assert set(ok(stack.compose("ps", "-q")).stdout.split()).isdisjoint(ids)
-    assert {name: stack.sql(f"SELECT count(*) FROM {name}") for name in before} == before
+    return before
+
+
+def test_users_and_backups_survive_make_down_and_make_up(stack, flow, restarted):
+    """The containers are new; only the named volumes kept the data."""
+    assert set(ok(stack.compose("ps", "-q")).stdout.split()).isdisjoint(restarted.containers)
+    assert {name: stack.sql(f"SELECT count(*) FROM {name}") for name in TABLES} == restarted.counts
     assert ok(stack.web("ls", str(flow.backup))).returncode == 0
+
+
+def test_a_migrated_user_still_logs_in_after_make_down_and_make_up(stack, restarted):
+    username = stack.sql(ACTIVE_USER)
+    url, page = log_in(stack, username, DEFAULT_PASSWORD)
+    assert url == f"{stack.url}/account/me/"
+    assert username in page
 
 
 def test_make_up_names_a_port_already_in_use_and_the_variable_to_change(engine, tmp_path):
@@ -311,28 +429,59 @@ def test_make_up_names_a_port_already_in_use_and_the_variable_to_change(engine, 
         try:
             proc = stack.run("make", "-s", "up", timeout=300)
         finally:  # had the check let it through, compose would have started the stack
-            stack.compose("down", "-v", "--timeout", "5")
+            problems = stack.remove()
+    assert not problems, "\n".join(problems)
     assert proc.returncode != 0
     assert f"Port {port} on 127.0.0.1 is already in use: set PORT in .env" in proc.stderr
     assert "Building" not in proc.stdout + proc.stderr  # refused before compose started
+
+
+def postgres_db_container(name: str, port: int) -> subprocess.CompletedProcess:
+    """`make postgresDBContainer` with the container and volume both called NAME."""
+    env = docker_env(POSTGRES_USER="postgres", POSTGRES_PASSWORD="pw", POSTGRES_DB="accounts",
+                     POSTGRES_PORT=port)  # fmt: skip
+    command = ["make", "-s", "postgresDBContainer", f"POSTGRES_CONTAINER={name}",
+               f"POSTGRES_VOLUME={name}"]  # fmt: skip
+    return run_as_group(command, cwd=ROOT, env=env, timeout=180)
+
+
+def remove_container(name: str) -> None:
+    """Remove the container NAME and the volume NAME, and check that the engine has neither."""
+    docker("rm", "-f", "-v", name)
+    docker("volume", "rm", name)
+    for listing in (("ps", "-aq"), ("volume", "ls", "-q")):
+        left = ok(docker(*listing, "--filter", f"name=^{name}$"))
+        assert left.stdout.split() == [], f"{name} left behind: {left.args}"
 
 
 def test_make_postgres_db_container_starts_postgresql_on_the_chosen_port(engine):
     import psycopg
 
     name, port = f"accounts-test-pg-{uuid.uuid4().hex[:8]}", free_port()
-    env = docker_env(POSTGRES_USER="postgres", POSTGRES_PASSWORD="pw", POSTGRES_DB="accounts",
-                     POSTGRES_PORT=port)  # fmt: skip
     try:
-        proc = subprocess.run(
-            ["make", "-s", "postgresDBContainer", f"POSTGRES_CONTAINER={name}",
-             f"POSTGRES_VOLUME={name}"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
-        )  # fmt: skip
+        proc = postgres_db_container(name, port)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert f"@127.0.0.1:{port}/accounts" in proc.stdout
         with psycopg.connect(f"postgres://postgres:pw@127.0.0.1:{port}/accounts") as conn:
             assert conn.execute("SELECT 1").fetchone() == (1,)
     finally:
-        subprocess.run(["docker", "rm", "-f", name], capture_output=True, env=env)
-        subprocess.run(["docker", "volume", "rm", name], capture_output=True, env=env)
+        remove_container(name)
+
+
+def test_make_postgres_db_container_refuses_its_container_published_on_another_port(engine):
+    """An existing container keeps the port it was created with: starting it would publish
+    PostgreSQL elsewhere than POSTGRES_PORT says."""
+    name, old, new = f"accounts-test-pg-{uuid.uuid4().hex[:8]}", free_port(), free_port()
+    try:
+        ok(docker("create", "--name", name, "-e", "POSTGRES_PASSWORD=pw", "-p",
+                  f"127.0.0.1:{old}:5432", "-v", f"{name}:/var/lib/postgresql/data",
+                  "postgres:15-bookworm"))  # fmt: skip
+        proc = postgres_db_container(name, new)
+        state = ok(docker("inspect", "--format", "{{.State.Status}}", name)).stdout.strip()
+    finally:
+        remove_container(name)
+    assert_clean_failure(
+        proc, f"The container {name} publishes 127.0.0.1:{old}, not POSTGRES_PORT={new}"
+    )
+    assert len([line for line in proc.stderr.splitlines() if not line.startswith("make")]) == 1
+    assert state == "created"  # never started

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT, assert_clean_failure, subprocess_env
+from .conftest import ROOT, assert_clean_failure, run_as_group, subprocess_env
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -127,6 +127,19 @@ def test_entrypoint_gives_up_on_a_missing_database_with_a_clear_message():
     assert_clean_failure(proc, "did not accept connections within 2 s")
 
 
+@pytest.mark.parametrize("password", ["pass/word", "pass#word", "p@ss", "pass%20word"])
+def test_entrypoint_refuses_a_postgres_password_that_would_break_the_database_url(password):
+    env = container_env(DB_WAIT_TIMEOUT=1, POSTGRES_PASSWORD=password)
+    env["DATABASE_URL"] = "postgres://postgres@127.0.0.1:1/nowhere"
+    env["PATH"] = f"{BIN}:{env['PATH']}"
+    proc = subprocess.run(
+        [str(ROOT / "scripts/entrypoint.sh"), "true"], cwd=ROOT, env=env, capture_output=True,
+        text=True, timeout=60,
+    )  # fmt: skip
+    assert_clean_failure(proc, "set POSTGRES_PASSWORD in .env to URL-safe characters only")
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
 def test_check_deploy_is_clean_with_the_container_settings(tmp_path):
     env = subprocess_env(f"sqlite:///{tmp_path / 'x.sqlite3'}")
     env["DJANGO_SETTINGS_MODULE"] = "config.settings"
@@ -154,6 +167,30 @@ def test_docker_targets_say_in_one_line_when_there_is_no_engine():
     assert proc.returncode != 0
     assert "SQLite default" in proc.stderr and "DATABASE_URL" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) <= 2  # the line, and make's own note
+
+
+def test_docker_targets_say_in_one_line_when_the_engine_does_not_answer(tmp_path):
+    (tmp_path / "docker").write_text("#!/bin/sh\nexec sleep 600\n")  # an engine that hangs
+    (tmp_path / "docker").chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "DOCKER_INFO_TIMEOUT": "1"}
+    proc = run_as_group(["make", "-s", "up"], cwd=ROOT, env=env, timeout=30)
+    assert_clean_failure(proc, "did not answer `docker info` within 1 s")
+    assert len(proc.stderr.strip().splitlines()) <= 2  # the line, and make's own note
+
+
+def duration(text: str) -> float:
+    """Seconds in a compose duration such as 1m30s or 60s."""
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", text)
+    assert "".join(n + u for n, u in parts) == text, text
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def test_every_healthcheck_gives_a_first_start_a_minute():
+    # Podman runs checks every 2 s whatever `interval` says: without a start period, web's
+    # 6 retries would give it 12 s, less than the entrypoint waits for the database.
+    for name, service in compose()["services"].items():
+        assert duration(str(service["healthcheck"].get("start_period", "0s"))) >= 60, name
 
 
 def test_every_healthcheck_is_a_shell_command_both_engines_run():

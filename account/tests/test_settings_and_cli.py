@@ -258,6 +258,19 @@ def test_make_install_creates_an_env_with_debug_off_and_a_secret_key_that_starts
     assert shown.stdout.split() == ["False", values["SECRET_KEY"]], shown.stderr
 
 
+def test_make_install_writes_a_random_url_safe_postgres_password(tmp_path):
+    """docker-compose.yml puts POSTGRES_PASSWORD in web's DATABASE_URL as it is."""
+    needs_venv()
+    passwords = []
+    for install in ("first", "second"):
+        project = project_copy(tmp_path / install)
+        proc = make("install", f"VENV={ROOT / '.venv'}", cwd=project, env=clean_env())
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        passwords += re.findall(r"^POSTGRES_PASSWORD=(.*)$", (project / ".env").read_text(), re.M)
+    assert len(passwords) == 2 and passwords[0] != passwords[1]
+    assert all(re.fullmatch(r"[A-Za-z0-9_-]{32}", password) for password in passwords), passwords
+
+
 def test_make_install_keeps_an_existing_env(tmp_path):
     needs_venv()
     project = project_copy(tmp_path)
