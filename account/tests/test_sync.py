@@ -430,7 +430,10 @@ def test_the_sync_reads_in_one_repeatable_read_snapshot(tmp_path):
             seen.append(cursor.fetchone()[0])
 
     try:
-        usercopy.copy_users(_models(), report_dir=tmp_path, on_start=on_start)
+        models = usercopy.CopyModels(
+            legacy=User, new=NewUser, profile=Profile, state=SyncState, log=OperationLog
+        )
+        usercopy.copy_users(models, report_dir=tmp_path, on_start=on_start)
         assert seen == ["repeatable read"]
     finally:
         User.objects.all().delete()
