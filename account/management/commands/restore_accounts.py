@@ -37,14 +37,19 @@ class Command(OneLineErrorCommand):
         parser.add_argument(
             "--dry-run",
             action="store_true",
-            help="Check the file and this database and report what a restore would do, and "
-            "whether it would refuse; write nothing. Exits 0 when the file is intact.",
+            help="Check the file (every row) and this database and report what a restore would "
+            "do, and every reason it would refuse; write nothing. Exits 0 when a restore would "
+            "go ahead, 1 when it would refuse or the file is damaged (the reason on stderr, "
+            "also at -v 0).",
         )
 
     def handle(self, *args, file, replace, dry_run, verbosity, **options):
         try:
             if dry_run:
-                self.report(plan_restore(file, replace=replace), verbosity)
+                plan = plan_restore(file, replace=replace, read_rows=True)
+                self.report(plan, verbosity)
+                if plan.problems:
+                    raise BackupError(f"Dry run: a restore would refuse: {plan.problems[0]}")
                 return
             started_at = timezone.now()
             progress = Progress("restore", verbosity=verbosity, stdout=self.stdout)
@@ -68,6 +73,8 @@ class Command(OneLineErrorCommand):
             if here and plan.replace:
                 now += " (kept, matched by name)" if table == Group._meta.db_table else " (deleted)"
             self.stdout.write(f"  {table}: {n} rows in the file{now}")
+        for note in plan.notes:
+            self.stdout.write(f"  {note}")
         for problem in plan.problems:
             self.stdout.write(self.style.WARNING(f"A restore would refuse: {problem}"))
         total = sum(plan.rows.values())
