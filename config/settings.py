@@ -105,7 +105,7 @@ def database_from_url(url: str) -> dict:
             raise ImproperlyConfigured(
                 f"DATABASE_URL {shown!r} names no host: use postgres://USER:PASSWORD@HOST:PORT/NAME"
             )
-        if "@" in url.partition(parts.netloc)[2]:  # an "@" after the host: the password's "/"
+        if "@" in parts.path + parts.query + parts.fragment:  # the password held / ? or #
             raise ImproperlyConfigured(f"DATABASE_URL {shown!r} is malformed: {MALFORMED}")
     try:
         config = environ.Env.db_url_config(url)

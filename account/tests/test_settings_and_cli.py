@@ -81,7 +81,7 @@ def test_a_password_the_parser_chokes_on_is_never_echoed():
     # urlsplit reads "postgres:s3" as host and port: its message names the port, "s3".
     proc = manage("migrate", url="postgres://postgres:s3/cret@127.0.0.1/x")
     assert_clean_failure(proc, "is malformed")
-    assert "s3" not in proc.stderr.replace("%2F %3F", "")
+    assert "s3" not in proc.stderr
 
 
 def test_a_server_message_quoting_a_user_and_password_is_masked():

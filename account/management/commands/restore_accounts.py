@@ -15,9 +15,10 @@ class Command(OneLineErrorCommand):
     help = (
         "Check a backup's manifest and checksum and this database, then restore every table "
         "it holds in one transaction and reset the id sequences. Permissions, content types "
-        "and groups are matched by natural key. Refuses a corrupted, truncated or foreign file, "
-        "a permission this database lacks, tables that already hold rows unless --replace, and "
-        "other tables pointing at the rows it would delete."
+        "and groups are matched by natural key. Refuses a corrupted, truncated, foreign or "
+        "malformed file, a permission this database lacks, tables that already hold rows unless "
+        "--replace, other tables pointing at the rows it would delete, and a database role "
+        "without the rights a restore needs."
     )
 
     def create_parser(self, prog_name, subcommand, **kwargs):
@@ -32,7 +33,8 @@ class Command(OneLineErrorCommand):
             "--replace",
             action="store_true",
             help="Delete the rows the tables hold now, in the same transaction, before loading "
-            "(groups are matched by name and keep their ids).",
+            "(groups are matched by name and keep their ids). The whole admin log is replaced: "
+            "entries made after the backup are lost, those about other apps' objects too.",
         )
         parser.add_argument(
             "--dry-run",
