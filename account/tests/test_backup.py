@@ -307,6 +307,13 @@ def _second_user_reordered(lines):
     lines[i] = orjson.dumps(record) + b"\n"
 
 
+def _user_id_not_a_number(lines):
+    i = _first_row_of("account_newuser", lines)
+    record = orjson.loads(lines[i])
+    record["r"]["id"] = "abc"
+    lines[i] = orjson.dumps(record) + b"\n"
+
+
 def _bad_permission_key(lines):
     i = _first_row_of("account_user_user_permissions", lines)
     record = orjson.loads(lines[i])
@@ -336,6 +343,17 @@ def test_a_data_line_that_is_not_a_row_is_refused_in_one_line(
     before = everything()
     with pytest.raises(CommandError, match=re.escape(message)):
         run("restore_accounts", str(path), "--replace", *(["--dry-run"] if dry_run else []))
+    assert everything() == before
+
+
+def test_a_row_with_a_value_its_column_cannot_take_is_rolled_back_in_one_line(
+    run, populated, settings
+):
+    path = backup_path(run, settings, "--no-gzip")
+    _rewrite_rows(path, _user_id_not_a_number)
+    before = everything()
+    with pytest.raises(CommandError, match="abc.*; rolled back, nothing changed"):
+        run("restore_accounts", str(path), "--replace")
     assert everything() == before
 
 
