@@ -717,7 +717,7 @@ class Plan:
             self.problems.append(
                 f"The database role {user} may not {_listed(denied)}, which a restore does: "
                 "restore as the role that owns the tables (the one that ran the migrations), or "
-                f"GRANT it SELECT, INSERT, DELETE ON ALL TABLES IN SCHEMA public."
+                f"GRANT SELECT, INSERT, DELETE ON ALL TABLES IN SCHEMA public TO {user}."
             )
         if sequences:
             self.problems.append(
