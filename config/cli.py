@@ -15,7 +15,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.management import ManagementUtility, get_commands
 from django.db.utils import InterfaceError, OperationalError
 
-from config.dburl import mask_password
+from config.dburl import mask_password, mask_passwords_in
 
 
 def database_hint() -> str:
@@ -25,9 +25,12 @@ def database_hint() -> str:
 
 
 def _without_password(text: str) -> str:
-    """`text` with DATABASE_URL, wherever it appears, shown with its password masked."""
+    """`text` with DATABASE_URL, wherever it appears, shown with its password masked, and any
+    other `user:password@` in it masked too (a server's message may quote part of the URL)."""
     url = os.environ.get("DATABASE_URL")
-    return text.replace(url, mask_password(url)) if url else text
+    if url:
+        text = text.replace(url, mask_password(url))
+    return mask_passwords_in(text)
 
 
 class CommandLine(ManagementUtility):

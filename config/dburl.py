@@ -29,3 +29,21 @@ def mask_password(url: str) -> str:
     else:
         url = _USERINFO.sub(rf"\1:{MASK}@", url)
     return _QUERY_PASSWORD.sub(rf"\1{MASK}", url)
+
+
+# A word of a message: what lies between spaces, quotes and brackets.
+_WORD = re.compile(r"[^\s\"'()<>\[\],;]+")
+
+
+def mask_passwords_in(text: str) -> str:
+    """`text` (an error message) with every URL or `user:password@` in it masked.
+
+    For messages whose text comes from elsewhere (a driver, a server): the server names the
+    database it was asked for, and a malformed URL can put a password into that name.
+    """
+    return _WORD.sub(lambda m: mask_password(m[0]) if _has_secret(m[0]) else m[0], text)
+
+
+def _has_secret(word: str) -> bool:
+    # The placeholder in the app's own advice ("postgres://USER:PASSWORD@HOST...") stays.
+    return "@" in word and ":PASSWORD@" not in word

@@ -76,24 +76,41 @@ TEMPLATES = [
 WSGI_APPLICATION = "config.wsgi.application"
 
 
+MALFORMED = (
+    "percent-encode the characters / ? # @ in the password (as %2F %3F %23 %40) and check "
+    "that the port is a number: postgres://USER:PASSWORD@HOST:PORT/NAME"
+)
+
+
 def database_from_url(url: str) -> dict:
     """Parse DATABASE_URL, refusing anything that is not a PostgreSQL or SQLite URL.
 
-    Every message shows the URL with its password masked: these land in terminals and CI logs.
+    Every message shows the URL with its password masked, and never the parser's own message:
+    these land in terminals and CI logs, and a parser names the part it choked on, which for a
+    password holding an unescaped "/" is the start of the password.
     """
     shown = mask_password(url)
-    scheme = urlsplit(url).scheme
-    if scheme not in {"postgres", "postgresql", "pgsql", "sqlite"}:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError on a port that is not a number)
+    except ValueError:
+        raise ImproperlyConfigured(f"DATABASE_URL {shown!r} is malformed: {MALFORMED}") from None
+    if parts.scheme not in {"postgres", "postgresql", "pgsql", "sqlite"}:
         raise ImproperlyConfigured(
             f"DATABASE_URL {shown!r} is not a database URL this app understands: "
             "use postgres://USER:PASSWORD@HOST:PORT/NAME or sqlite:///path/to/file.sqlite3"
         )
+    if parts.scheme != "sqlite":
+        if not parts.hostname:  # e.g. "postgres:/user:password@host/name", a slash missing
+            raise ImproperlyConfigured(
+                f"DATABASE_URL {shown!r} names no host: use postgres://USER:PASSWORD@HOST:PORT/NAME"
+            )
+        if "@" in parts.path + parts.query + parts.fragment:  # the password held / ? or #
+            raise ImproperlyConfigured(f"DATABASE_URL {shown!r} is malformed: {MALFORMED}")
     try:
         config = environ.Env.db_url_config(url)
-    except ValueError as exc:
-        raise ImproperlyConfigured(
-            f"DATABASE_URL {shown!r} is malformed: {mask_password(str(exc))}"
-        ) from None
+    except ValueError:
+        raise ImproperlyConfigured(f"DATABASE_URL {shown!r} is malformed: {MALFORMED}") from None
     if not config.get("NAME"):
         raise ImproperlyConfigured(f"DATABASE_URL {shown!r} names no database")
     if config["ENGINE"] == "django.db.backends.postgresql":
@@ -111,6 +128,9 @@ DATABASE_URL = env.str("DATABASE_URL", default="") or f"sqlite:///{BASE_DIR / 'd
 DATABASES = {"default": database_from_url(DATABASE_URL)}
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# The DEBUG error page and error e-mails hide DATABASE_URL (its password) too.
+DEFAULT_EXCEPTION_REPORTER_FILTER = "config.debug.ReporterFilter"
 
 # Deploy 1 of a cut-over runs with account.User (the old model is live); deploy 2 with
 # account.NewUser. docs/cutover.md tells the whole story.

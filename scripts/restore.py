@@ -5,7 +5,8 @@ Usage: scripts/restore.py FILE [--replace] [--dry-run] [-v {0,1,2}]
 
 A thin entry point over `manage.py restore_accounts`, used by `make restore FILE=...`.
 The file and this database are checked before anything is written; `--dry-run` reports what
-a restore would do (exit status 0 when the file is intact). Every refusal is one line.
+a restore would do (exit status 0 when it would go ahead, 1 when it would refuse or the file
+is damaged). Every refusal is one line.
 """
 
 import sys

@@ -4,9 +4,11 @@ import fcntl
 import gzip
 import hashlib
 import os
+import re
 import stat
 import subprocess
 import sys
+from io import StringIO
 from pathlib import Path
 
 import orjson
@@ -15,8 +17,9 @@ from django.contrib.admin.models import ADDITION, LogEntry
 from django.contrib.auth import authenticate
 from django.contrib.auth.models import Group, Permission
 from django.contrib.contenttypes.models import ContentType
+from django.core.management import call_command
 from django.core.management.base import CommandError
-from django.db import connection
+from django.db import ProgrammingError, connection
 
 from account import backup as backup_module
 from account.models import Activity, Address, NewUser, Notification, OperationLog, User
@@ -84,13 +87,14 @@ def test_manifest_describes_the_file(run, populated, settings):
     with gzip.open(path) as f:
         manifest = orjson.loads(f.readline())
         lines = sum(1 for _ in f)
-    assert manifest["format"] == "account-backup" and manifest["version"] == 2
+    assert manifest["format"] == "account-backup" and manifest["version"] == 3
     assert "0002_copy_legacy_users" in manifest["migrations"]["account"]
     assert manifest["user_model"] == "account.NewUser"
     assert sum(t["rows"] for t in manifest["tables"].values()) == lines
     assert manifest["tables"]["account_user"]["rows"] == User.objects.count()
     assert manifest["tables"]["django_admin_log"]["rows"] == 2
     assert len(manifest["sha256"]) == 64
+    assert manifest["manifest_sha256"] == backup_module.manifest_digest(manifest)
 
 
 def test_permissions_groups_and_content_types_are_written_by_natural_key(run, populated, settings):
@@ -143,14 +147,27 @@ def _truncate(path):
     path.write_bytes(data[: len(data) - len(data) // 4])
 
 
-def _rewrite_manifest(path, change):
+def _rewrite_manifest(path, change, sign=True):
+    """Change the manifest; `sign` its checksum anew, as someone forging a file would."""
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
         manifest = orjson.loads(f.readline())
         rest = f.read()
     change(manifest)
+    if sign:
+        manifest["manifest_sha256"] = backup_module.manifest_digest(manifest)
     with opener(path, "wb") as f:
         f.write(orjson.dumps(manifest) + b"\n" + rest)
+
+
+def _rewrite_rows(path, change):
+    """Change the data lines (a list of bytes), checksums made anew: a hand-made file."""
+    manifest, *lines = path.read_bytes().splitlines(keepends=True)
+    change(lines)
+    manifest = orjson.loads(manifest)
+    manifest["sha256"] = hashlib.sha256(b"".join(lines)).hexdigest()
+    manifest["manifest_sha256"] = backup_module.manifest_digest(manifest)
+    path.write_bytes(orjson.dumps(manifest) + b"\n" + b"".join(lines))
 
 
 def _other_version(path):
@@ -165,6 +182,11 @@ def _manifest_without_counts(path):
     _rewrite_manifest(path, lambda manifest: manifest["tables"]["account_user"].pop("rows"))
 
 
+def _manifest_edited(path):
+    # One more row counted, the manifest's checksum left as it was.
+    _rewrite_manifest(path, lambda m: m["tables"]["account_user"].update(rows=1), sign=False)
+
+
 DAMAGES = [
     (_corrupt_byte, "corrupted or truncated"),
     (_truncate, "corrupted or truncated"),
@@ -172,6 +194,7 @@ DAMAGES = [
     (_foreign, "not an account backup"),
     (lambda p: p.unlink(), "No backup file"),
     (_manifest_without_counts, "damaged manifest"),
+    (_manifest_edited, r"damaged manifest \(it does not match its checksum\)"),
 ]
 
 
@@ -190,7 +213,7 @@ def test_damaged_backups_are_refused_and_the_database_is_untouched(
     assert everything() == before
 
 
-@pytest.mark.parametrize("damage, message", DAMAGES[:2])
+@pytest.mark.parametrize("damage, message", DAMAGES[:2] + DAMAGES[-1:])
 def test_a_dry_run_refuses_a_damaged_file(run, populated, settings, damage, message):
     path = backup_path(run, settings)
     damage(path)
@@ -202,17 +225,149 @@ def test_a_forged_file_that_breaks_a_constraint_is_rolled_back_in_one_line(
     run, populated, settings
 ):
     path = backup_path(run, settings, "--no-gzip")
-    manifest, *lines = path.read_bytes().splitlines(keepends=True)
-    duplicate = next(line for line in lines if b'"account_newuser"' in line)
-    lines.insert(lines.index(duplicate), duplicate)  # the same user twice, checksum made anew
-    manifest = orjson.loads(manifest)
-    manifest["tables"]["account_newuser"]["rows"] += 1
-    manifest["sha256"] = hashlib.sha256(b"".join(lines)).hexdigest()
-    path.write_bytes(orjson.dumps(manifest) + b"\n" + b"".join(lines))
+
+    def duplicate_a_user(lines):
+        duplicate = next(line for line in lines if b'"account_newuser"' in line)
+        lines.insert(lines.index(duplicate), duplicate)
+
+    _rewrite_rows(path, duplicate_a_user)
+    _rewrite_manifest(path, lambda m: m["tables"]["account_newuser"].update(
+        rows=m["tables"]["account_newuser"]["rows"] + 1))  # fmt: skip
     wipe()
     before = everything()
-    with pytest.raises(CommandError, match="could not be loaded .*; rolled back"):
+    with pytest.raises(CommandError, match="could not be loaded .*; rolled back, nothing changed"):
         run("restore_accounts", str(path))
+    assert everything() == before
+
+
+def test_any_database_error_while_loading_is_rolled_back_in_one_line(
+    run, populated, settings, monkeypatch
+):
+    path = backup_path(run, settings)
+    before = everything()
+
+    def refused(model, *args, **kwargs):  # what a role that lost a privilege meanwhile meets
+        raise ProgrammingError(f"permission denied for table {model._meta.db_table}\nDETAIL: x")
+
+    monkeypatch.setattr(backup_module, "insert_rows", refused)
+    with pytest.raises(CommandError) as refusal:
+        run("restore_accounts", str(path), "--replace")
+    assert str(refusal.value).endswith(
+        "could not be loaded (permission denied for table auth_group_permissions); rolled back, "
+        "nothing changed."
+    )
+    assert everything() == before
+
+
+# Manifests of hand-made files, their checksums right: each part must have the shape the app
+# writes, or the restore refuses in one line (not a TypeError half-way through the checks).
+MANIFEST_SHAPES = [
+    ("natural_keys", "auth.group", [["editors", "x"]]),
+    ("natural_keys", "auth.permission", None),
+    ("natural_keys", "auth.permission", [[["account"], "newuser", "view_newuser"]]),
+    ("natural_keys", "auth.user", []),
+    ("tables", "account_user", {"columns": ["id"], "rows": True}),
+    ("tables", "account_user", {"columns": [1], "rows": 1}),
+    ("migrations", "account", "0002_copy_legacy_users"),
+]
+
+
+@pytest.mark.parametrize("part, key, value", MANIFEST_SHAPES)
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_a_manifest_part_of_the_wrong_shape_is_refused_in_one_line(
+    run, populated, settings, part, key, value, dry_run
+):
+    path = backup_path(run, settings)
+    _rewrite_manifest(path, lambda manifest: manifest[part].update({key: value}))
+    before = everything()
+    with pytest.raises(CommandError, match=rf"damaged manifest \(see {part}\.{key}\)"):
+        run("restore_accounts", str(path), "--replace", *(["--dry-run"] if dry_run else []))
+    assert everything() == before
+
+
+def test_a_manifest_field_of_the_wrong_type_is_refused_in_one_line(run, populated, settings):
+    path = backup_path(run, settings)
+    _rewrite_manifest(path, lambda manifest: manifest.update(user_model=["account.NewUser"]))
+    with pytest.raises(CommandError, match=r"damaged manifest \(see user_model\)"):
+        run("restore_accounts", str(path), "--replace")
+
+
+def _first_row_of(table, lines):
+    return next(i for i, line in enumerate(lines) if orjson.loads(line)["t"] == table)
+
+
+def _insert(line):
+    return lambda lines: lines.insert(3, line)
+
+
+def _second_user_reordered(lines):
+    i = _first_row_of("account_newuser", lines) + 1
+    record = orjson.loads(lines[i])
+    record["r"] = dict(reversed(record["r"].items()))
+    lines[i] = orjson.dumps(record) + b"\n"
+
+
+def _user_id_not_a_number(lines):
+    i = _first_row_of("account_newuser", lines)
+    record = orjson.loads(lines[i])
+    record["r"]["id"] = "abc"
+    lines[i] = orjson.dumps(record) + b"\n"
+
+
+def _bad_permission_key(lines):
+    i = _first_row_of("account_user_user_permissions", lines)
+    record = orjson.loads(lines[i])
+    record["r"]["permission_key"] = [["account"], "newuser", "view_newuser"]
+    lines[i] = orjson.dumps(record) + b"\n"
+
+
+# Data lines of hand-made files, their checksums right.
+ROW_DAMAGES = [
+    (_insert(b"[1]\n"), "line 5 is not a row of a table"),
+    (_insert(b'{"t": "account_user"}\n'), "line 5 is not a row of a table"),
+    (_insert(b'{"t": 5, "r": {}}\n'), "line 5 is not a row of a table"),
+    (_insert(b"{not json\n"), "line 5 is not JSON"),
+    (_insert(b'{"t": "project_note", "r": {}}\n'), "project_note, a table its manifest does not"),
+    (_second_user_reordered, "a row of account_newuser, does not have the columns"),
+    (_bad_permission_key, "names the permission [['account'], 'newuser', 'view_newuser']"),
+]
+
+
+@pytest.mark.parametrize("damage, message", ROW_DAMAGES)
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_a_data_line_that_is_not_a_row_is_refused_in_one_line(
+    run, populated, settings, damage, message, dry_run
+):
+    path = backup_path(run, settings, "--no-gzip")
+    _rewrite_rows(path, damage)
+    before = everything()
+    with pytest.raises(CommandError, match=re.escape(message)):
+        run("restore_accounts", str(path), "--replace", *(["--dry-run"] if dry_run else []))
+    assert everything() == before
+
+
+def test_a_row_with_a_value_its_column_cannot_take_is_rolled_back_in_one_line(
+    run, populated, settings
+):
+    path = backup_path(run, settings, "--no-gzip")
+    _rewrite_rows(path, _user_id_not_a_number)
+    before = everything()
+    with pytest.raises(CommandError, match="abc.*; rolled back, nothing changed"):
+        run("restore_accounts", str(path), "--replace")
+    assert everything() == before
+
+
+def test_a_version_2_file_is_still_restored(run, populated, settings):
+    path = backup_path(run, settings)
+    before = everything()
+
+    def version_2(manifest):
+        manifest.update(version=2)
+        del manifest["manifest_sha256"]
+
+    _rewrite_manifest(path, version_2, sign=False)
+    NewUser.objects.filter(username="padded").update(full_name="Changed Since")
+    run("restore_accounts", str(path), "--replace")
     assert everything() == before
 
 
@@ -247,11 +402,31 @@ def test_a_dry_run_reports_that_replace_is_needed_and_writes_nothing(run, popula
     path = backup_path(run, settings)
     NewUser.objects.filter(username="padded").update(full_name="Changed Since")
     before = everything()
-    out, _ = run("restore_accounts", str(path), "--dry-run")
+    stdout = StringIO()
+    with pytest.raises(CommandError, match="Dry run: a restore would refuse: These tables"):
+        call_command("restore_accounts", str(path), "--dry-run", stdout=stdout)
+    out = stdout.getvalue()
     assert "A restore would refuse: These tables already hold rows" in out
     assert "--replace" in out and "Nothing was written" in out
     assert f"account_newuser: {NewUser.objects.count()} rows in the file" in out
     assert everything() == before
+
+
+@pytest.mark.slow
+def test_a_dry_run_that_would_refuse_exits_1_with_the_reason_even_at_verbosity_0(run, settings):
+    # Not `populated`: the copy it runs holds its tables locked until the test ends.
+    path = backup_path(run, settings)
+    _rewrite_manifest(path, lambda manifest: manifest.update(user_model="account.User"))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "manage.py"), "restore_accounts", str(path), "--dry-run",
+         "-v", "0"],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert_clean_failure(proc, "Dry run: a restore would refuse: The backup was made with AUTH_")
+    assert proc.returncode == 1
+    assert proc.stdout == "" and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
 def test_a_dry_run_with_replace_reports_what_it_would_delete(run, populated, settings):
@@ -321,15 +496,15 @@ def test_restore_refuses_when_a_project_table_points_at_the_users(run, populated
     with pytest.raises(CommandError, match="project_note points at account_newuser"):
         run("restore_accounts", str(path), "--replace")
     assert everything() == before
-    out, _ = run("restore_accounts", str(path), "--replace", "--dry-run")
-    assert "A restore would refuse: Table project_note" in out
+    with pytest.raises(CommandError, match="Dry run: a restore would refuse: Table project_note"):
+        run("restore_accounts", str(path), "--replace", "--dry-run")
 
 
 def test_final_messages_are_quiet_at_verbosity_0(run, populated, settings):
     out, _ = run("backup_accounts", "-v", "0")
     assert out == ""
     path = next(Path(settings.BACKUP_DIR).glob("accounts-*"))
-    assert run("restore_accounts", str(path), "--dry-run", "-v", "0")[0] == ""
+    assert run("restore_accounts", str(path), "--replace", "--dry-run", "-v", "0")[0] == ""
     wipe()
     assert run("restore_accounts", str(path), "-v", "0")[0] == ""
     assert NewUser.objects.exists()

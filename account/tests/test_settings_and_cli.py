@@ -14,7 +14,7 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
 
-from config.dburl import mask_password
+from config.dburl import mask_password, mask_passwords_in
 from config.settings import database_from_url
 
 from .conftest import ROOT, assert_clean_failure, manage, subprocess_env
@@ -59,6 +59,12 @@ def test_missing_secret_key_with_debug_off_fails_clearly(tmp_path):
         ("mysql://u:s3cret@h/db", "is not a database URL this app understands"),
         ("postgres://u:s3cret@h:notaport/db", "is malformed"),
         ("postgres://u:s3cret@h:5432/", "names no database"),
+        ("postgres:/postgres:s3cret@127.0.0.1/x", "names no host"),  # a slash missing
+        ("postgres://postgres:s3/cret@127.0.0.1/x", "percent-encode the characters / ? # @"),
+        ("postgres://postgres:s3?cret@127.0.0.1/x", "percent-encode the characters / ? # @"),
+        ("postgres://postgres:s3#cret@127.0.0.1/x", "percent-encode the characters / ? # @"),
+        ("postgres://postgres:1234/s3cret@127.0.0.1/x", "is malformed"),  # a port that parses
+        ("postgres://u:s3cret@[::1/x", "is malformed"),
     ],
 )
 def test_malformed_database_url_is_one_clear_line_without_its_password(url, message):
@@ -69,6 +75,23 @@ def test_malformed_database_url_is_one_clear_line_without_its_password(url, mess
     with pytest.raises(ImproperlyConfigured) as refusal:
         database_from_url(url)
     assert "s3cret" not in str(refusal.value)
+
+
+def test_a_password_the_parser_chokes_on_is_never_echoed():
+    # urlsplit reads "postgres:s3" as host and port: its message names the port, "s3".
+    proc = manage("migrate", url="postgres://postgres:s3/cret@127.0.0.1/x")
+    assert_clean_failure(proc, "is malformed")
+    assert "s3" not in proc.stderr
+
+
+def test_a_server_message_quoting_a_user_and_password_is_masked():
+    # The server names the database it was asked for; a malformed URL can put a password
+    # there (before the settings refused them, "postgres:/user:pw@host/x" did).
+    url = "postgres://postgres@127.0.0.1:5432/postgres%3As3cret%40elsewhere"
+    proc = manage("migrate", url=url)
+    assert_clean_failure(proc, 'database "postgres:***@elsewhere" does not exist')
+    assert "postgres:s3cret@" not in proc.stdout + proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
 def test_database_that_is_down_is_one_clear_line_without_the_password():
@@ -97,6 +120,20 @@ def test_database_that_is_down_is_one_clear_line_without_the_password():
 )
 def test_mask_password_hides_the_password_and_keeps_the_rest(url, shown):
     assert mask_password(url) == shown
+
+
+@pytest.mark.parametrize(
+    "text, shown",
+    [
+        ('FATAL: database "postgres:s3cret@127.0.0.1/x" does not exist',
+         'FATAL: database "postgres:***@127.0.0.1/x" does not exist'),
+        ("failed (postgres://u:s3cret@h/x): refused", "failed (postgres://u:***@h/x): refused"),
+        ("use postgres://USER:PASSWORD@HOST:PORT/NAME", "use postgres://USER:PASSWORD@HOST:PORT/NAME"),
+        ("ana@example.com is taken at 12:30", "ana@example.com is taken at 12:30"),
+    ],
+)  # fmt: skip
+def test_mask_passwords_in_masks_every_user_and_password_in_a_message(text, shown):
+    assert mask_passwords_in(text) == shown
 
 
 def test_sqlite_is_the_default_database(monkeypatch):
@@ -171,6 +208,12 @@ def test_wait_for_db_is_silent_at_verbosity_0_when_the_database_answers():
     out, err = StringIO(), StringIO()
     call_command("wait_for_db", verbosity=0, stdout=out, stderr=err)
     assert (out.getvalue(), err.getvalue()) == ("", "")
+
+
+def test_check_migrated_refuses_an_unknown_database_alias_in_one_line():
+    proc = manage("check_migrated", "--database", "nope")
+    assert_clean_failure(proc, "argument --database: invalid choice: 'nope'")
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
 @pytest.mark.django_db

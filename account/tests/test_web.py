@@ -2,6 +2,7 @@
 
 import logging
 import re
+import sys
 from pathlib import Path
 from xml.etree import ElementTree
 
@@ -9,6 +10,7 @@ import pytest
 from django.db import connection
 from django.test import Client
 from django.utils import timezone
+from django.views.debug import technical_500_response
 
 from account import views
 from account.models import NewUser, OperationLog, User
@@ -226,3 +228,20 @@ def test_health_answers_503_with_a_fixed_message_and_logs_the_cause(client, capl
 
 def test_home_sends_visitors_to_login(client):
     assert client.get("/").url == "/login/"
+
+
+def _error_page(request):
+    """Django's DEBUG page for an error raised here (only this frame is in its traceback)."""
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        return technical_500_response(request, *sys.exc_info()).content.decode()
+
+
+def test_the_debug_error_page_hides_the_database_url(rf, settings):
+    # `make run` serves with DEBUG on; under runserver request.META holds the environment.
+    settings.DEBUG = True
+    settings.DATABASE_URL = "postgres://app:s3cret@db:5432/accounts"
+    page = _error_page(rf.get("/", DATABASE_URL="postgres://app:s3cret@db:5432/accounts"))
+    assert "boom" in page and page.count("DATABASE_URL") == 2  # the setting and the META key
+    assert "s3cret" not in page

@@ -4,6 +4,7 @@ Serving never migrates: `migrate` would apply 0002, the user copy, without the p
 check and the backup that `make migrate-data` runs first.
 """
 
+from django.conf import settings
 from django.core.management.base import CommandError
 from django.db import DEFAULT_DB_ALIAS, connections
 from django.db.migrations.executor import MigrationExecutor
@@ -26,7 +27,10 @@ class Command(OneLineErrorCommand):
 
     def add_arguments(self, parser):
         parser.add_argument(
-            "--database", default=DEFAULT_DB_ALIAS, help="Database alias (default: default)."
+            "--database",
+            default=DEFAULT_DB_ALIAS,
+            choices=list(settings.DATABASES),
+            help="Database alias (default: default).",
         )
 
     def handle(self, *args, database, verbosity, **options):

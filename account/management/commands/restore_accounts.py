@@ -15,9 +15,10 @@ class Command(OneLineErrorCommand):
     help = (
         "Check a backup's manifest and checksum and this database, then restore every table "
         "it holds in one transaction and reset the id sequences. Permissions, content types "
-        "and groups are matched by natural key. Refuses a corrupted, truncated or foreign file, "
-        "a permission this database lacks, tables that already hold rows unless --replace, and "
-        "other tables pointing at the rows it would delete."
+        "and groups are matched by natural key. Refuses a corrupted, truncated, foreign or "
+        "malformed file, a permission this database lacks, tables that already hold rows unless "
+        "--replace, other tables pointing at the rows it would delete, and a database role "
+        "without the rights a restore needs."
     )
 
     def create_parser(self, prog_name, subcommand, **kwargs):
@@ -32,19 +33,25 @@ class Command(OneLineErrorCommand):
             "--replace",
             action="store_true",
             help="Delete the rows the tables hold now, in the same transaction, before loading "
-            "(groups are matched by name and keep their ids).",
+            "(groups are matched by name and keep their ids). The whole admin log is replaced: "
+            "entries made after the backup are lost, those about other apps' objects too.",
         )
         parser.add_argument(
             "--dry-run",
             action="store_true",
-            help="Check the file and this database and report what a restore would do, and "
-            "whether it would refuse; write nothing. Exits 0 when the file is intact.",
+            help="Check the file (every row) and this database and report what a restore would "
+            "do, and every reason it would refuse; write nothing. Exits 0 when a restore would "
+            "go ahead, 1 when it would refuse or the file is damaged (the reason on stderr, "
+            "also at -v 0).",
         )
 
     def handle(self, *args, file, replace, dry_run, verbosity, **options):
         try:
             if dry_run:
-                self.report(plan_restore(file, replace=replace), verbosity)
+                plan = plan_restore(file, replace=replace, read_rows=True)
+                self.report(plan, verbosity)
+                if plan.problems:
+                    raise BackupError(f"Dry run: a restore would refuse: {plan.problems[0]}")
                 return
             started_at = timezone.now()
             progress = Progress("restore", verbosity=verbosity, stdout=self.stdout)
@@ -68,6 +75,8 @@ class Command(OneLineErrorCommand):
             if here and plan.replace:
                 now += " (kept, matched by name)" if table == Group._meta.db_table else " (deleted)"
             self.stdout.write(f"  {table}: {n} rows in the file{now}")
+        for note in plan.notes:
+            self.stdout.write(f"  {note}")
         for problem in plan.problems:
             self.stdout.write(self.style.WARNING(f"A restore would refuse: {problem}"))
         total = sum(plan.rows.values())
