@@ -9,18 +9,22 @@ whole procedure.
 `cutover()`, run under AUTH_USER_MODEL=account.NewUser, in this order:
 
 1. check     the setting and the state; finds every foreign key to the legacy user table in
-             the database catalog (`pg_constraint`; SQLite: `PRAGMA foreign_key_list`), except
-             the legacy model's own group and permission links; lists other tables with a
-             `content_type_id`/`object_id` pair pointing at legacy users.
+             the database catalog (`pg_constraint`, any schema; SQLite: `PRAGMA
+             foreign_key_list`), except the legacy model's own group and permission links,
+             and refuses one whose columns are not a unique key of NewUser; lists other
+             tables with a `content_type_id` and `object_id` (or `object_pk`) pair pointing
+             at legacy users.
 2. sync      `copy_users` carries the legacy side's changes into NewUser; refuses on conflicts
              (and, under the default policy, on rejected rows). Then refuses when any row of
              any table references a legacy user who is not in NewUser, naming table and count.
 3. backup    every account table, as `make migrate-data` takes it.
-4. switch    one transaction, legacy writers blocked: lock the legacy tables, final sync,
-             check the references again, re-point each foreign key to NewUser (PostgreSQL:
-             the new constraint NOT VALID, the old one dropped; SQLite: the table rebuilt by
-             Django's schema editor), move admin log entries to NewUser's content type, make
-             the legacy tables read-only with a trigger, record the cut-over in OperationLog.
+4. switch    one transaction: lock the legacy tables against writers, final sync, check the
+             references again; then the swap: lock every table it touches at once (ACCESS
+             EXCLUSIVE, readers wait too), re-point each foreign key to NewUser (PostgreSQL:
+             the old constraint dropped, the new one added NOT VALID; SQLite: the table
+             rebuilt by Django's schema editor), move admin log entries to NewUser's content
+             type, make the legacy tables read-only with triggers, record the cut-over in
+             OperationLog. Whatever the database refuses rolls it all back, in one line.
 5. validate  PostgreSQL: VALIDATE each new constraint, each in its own transaction under
              `lock_timeout`; this scans the table without blocking its writers.
 
@@ -29,12 +33,16 @@ whole procedure.
 1. check     the setting and the state; compares each NewUser row with its legacy row under
              the copy's rules and plans what to carry back: signups (with their ids), changed
              fields, group and permission links, deleted users. Values the legacy schema cannot
-             hold are reported, and the default policy refuses.
+             hold, usernames the final legacy table would hold twice, are reported, and the
+             default policy refuses. Refuses when NewUser is empty, or when it would delete
+             more than 1% of the legacy users (at least 10, at most 1000) unless told to.
 2. backup    as above.
-3. switch    one transaction, NewUser writers blocked: plan again, carry it back, re-point the
-             foreign keys the cut-over moved back to the legacy table, move admin log entries
-             back, drop the trigger, move the legacy id sequence past the signups, tell the
-             sync ledger both sides are equal, record the rollback.
+3. switch    one transaction, NewUser writers blocked: plan again; lock every table the swap
+             touches (ACCESS EXCLUSIVE); drop the triggers; carry it back (deletes first, then
+             freed usernames moved aside, then inserts and updates); re-point the foreign keys
+             the cut-over moved back to the legacy table, move admin log entries back, move
+             the legacy id sequence past every id of both tables (never backwards), tell the
+             sync ledger both sides are equal except for the users left out, record it.
 4. validate  as above, for the constraints moved back.
 
 Each step leaves the database as it was before it, or done: a killed run is run again.
@@ -562,6 +570,11 @@ class _Run:
         self.outcome = Outcome(kind=self.kind, dry_run=dry_run)
         self.started_at = timezone.now()
 
+    @property
+    def timeout_ms(self) -> str:
+        """`lock_timeout` for PostgreSQL's settings: milliseconds, at least 1 (0 means none)."""
+        return str(max(1, round(self.lock_timeout * 1000)))
+
     @contextmanager
     def step(self, name: str, what: str):
         self.say(f"{name}: {what}")
@@ -628,7 +641,7 @@ class _Run:
         """
         if self.connection.vendor != "postgresql":
             return
-        ms = f"{self.lock_timeout * 1000:.0f}"
+        ms = self.timeout_ms
         with self.connection.cursor() as cursor:
             cursor.execute("SELECT current_setting('statement_timeout')")
             statement_timeout = cursor.fetchone()[0]
@@ -694,7 +707,7 @@ class _Run:
                 with transaction.atomic(using=self.alias), self.connection.cursor() as cursor:
                     cursor.execute(
                         "SELECT set_config('lock_timeout', %s, true)",
-                        [f"{self.lock_timeout * 1000:.0f}"],
+                        [self.timeout_ms],
                     )
                     cursor.execute(f"ALTER TABLE {fk.table} VALIDATE CONSTRAINT {qn(fk.name)}")
             except OperationalError as exc:
@@ -712,7 +725,7 @@ class _Run:
             outcome = backup(directory=settings.BACKUP_DIR)
         except BackupError as exc:
             raise CutoverError(
-                f"The backup failed, so the {self.kind} stopped before changing anything: {exc} "
+                f"The backup failed, so the {self.kind} stopped before its switch: {exc} "
                 "(BACKUP_DIR sets where backups go)."
             ) from exc
         outcome.log(OperationLog.Kind.BACKUP, self.started_at)
