@@ -9,18 +9,22 @@ whole procedure.
 `cutover()`, run under AUTH_USER_MODEL=account.NewUser, in this order:
 
 1. check     the setting and the state; finds every foreign key to the legacy user table in
-             the database catalog (`pg_constraint`; SQLite: `PRAGMA foreign_key_list`), except
-             the legacy model's own group and permission links; lists other tables with a
-             `content_type_id`/`object_id` pair pointing at legacy users.
+             the database catalog (`pg_constraint`, any schema; SQLite: `PRAGMA
+             foreign_key_list`), except the legacy model's own group and permission links,
+             and refuses one whose columns are not a unique key of NewUser; lists other
+             tables with a `content_type_id` and `object_id` (or `object_pk`) pair pointing
+             at legacy users.
 2. sync      `copy_users` carries the legacy side's changes into NewUser; refuses on conflicts
              (and, under the default policy, on rejected rows). Then refuses when any row of
              any table references a legacy user who is not in NewUser, naming table and count.
 3. backup    every account table, as `make migrate-data` takes it.
-4. switch    one transaction, legacy writers blocked: lock the legacy tables, final sync,
-             check the references again, re-point each foreign key to NewUser (PostgreSQL:
-             the new constraint NOT VALID, the old one dropped; SQLite: the table rebuilt by
-             Django's schema editor), move admin log entries to NewUser's content type, make
-             the legacy tables read-only with a trigger, record the cut-over in OperationLog.
+4. switch    one transaction: lock the legacy tables against writers, final sync, check the
+             references again; then the swap: lock every table it touches at once (ACCESS
+             EXCLUSIVE, readers wait too), re-point each foreign key to NewUser (PostgreSQL:
+             the old constraint dropped, the new one added NOT VALID; SQLite: the table
+             rebuilt by Django's schema editor), move admin log entries to NewUser's content
+             type, make the legacy tables read-only with triggers, record the cut-over in
+             OperationLog. Whatever the database refuses rolls it all back, in one line.
 5. validate  PostgreSQL: VALIDATE each new constraint, each in its own transaction under
              `lock_timeout`; this scans the table without blocking its writers.
 
@@ -29,12 +33,16 @@ whole procedure.
 1. check     the setting and the state; compares each NewUser row with its legacy row under
              the copy's rules and plans what to carry back: signups (with their ids), changed
              fields, group and permission links, deleted users. Values the legacy schema cannot
-             hold are reported, and the default policy refuses.
+             hold, usernames the final legacy table would hold twice, are reported, and the
+             default policy refuses. Refuses when NewUser is empty, or when it would delete
+             more than 1% of the legacy users (at least 10, at most 1000) unless told to.
 2. backup    as above.
-3. switch    one transaction, NewUser writers blocked: plan again, carry it back, re-point the
-             foreign keys the cut-over moved back to the legacy table, move admin log entries
-             back, drop the trigger, move the legacy id sequence past the signups, tell the
-             sync ledger both sides are equal, record the rollback.
+3. switch    one transaction, NewUser writers blocked: plan again; lock every table the swap
+             touches (ACCESS EXCLUSIVE); drop the triggers; carry it back (deletes first, then
+             freed usernames moved aside, then inserts and updates); re-point the foreign keys
+             the cut-over moved back to the legacy table, move admin log entries back, move
+             the legacy id sequence past every id of both tables (never backwards), tell the
+             sync ledger both sides are equal except for the users left out, record it.
 4. validate  as above, for the constraints moved back.
 
 Each step leaves the database as it was before it, or done: a killed run is run again.
@@ -42,11 +50,12 @@ Run again after it is done, each changes nothing and says so.
 """
 
 import csv
+import math
 import os
 import time
 from collections import Counter
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -54,12 +63,12 @@ from django.apps import apps
 from django.conf import settings
 from django.contrib.contenttypes.models import ContentType
 from django.core.management.base import CommandError
-from django.db import DatabaseError, IntegrityError, OperationalError, connections, transaction
+from django.db import DatabaseError, OperationalError, connections, transaction
 from django.utils import timezone
 
 from . import usercopy
-from .backup import backup
-from .dbutil import reset_sequences, table_exists
+from .backup import BackupError, backup
+from .dbutil import table_exists
 from .models import NewUser, OperationLog, Profile, SyncState, User
 from .normalize import Rejected, normalize_email, normalize_phone
 
@@ -80,8 +89,16 @@ COLUMNS = (
     "is_active",
     "is_staff",
 )
+# The legacy columns with a unique key: the rollback moves their values out of the way first.
+UNIQUE_COLUMNS = tuple(c for c in COLUMNS if User._meta.get_field(c).unique)
 ADMIN_LOG = "django_admin_log"
-LOCK_TIMEOUT_SQLSTATE = "55P03"  # lock_not_available
+LOCK_TIMEOUT_SQLSTATES = {"55P03", "57014"}  # lock_not_available; query_canceled (the timeout)
+# The rollback deletes the legacy users whose NewUser rows are gone. More than this share of
+# the legacy table (at least MASS_DELETE_FLOOR users, at most MASS_DELETE_CEILING) looks like
+# an emptied NewUser rather than deletions, and needs --allow-mass-delete.
+MASS_DELETE_SHARE = 0.01
+MASS_DELETE_FLOOR = 10
+MASS_DELETE_CEILING = 1000
 
 
 class CutoverError(CommandError):
@@ -120,9 +137,25 @@ def last_cutover(alias: str = "default"):
     return OperationLog.objects.using(alias).filter(kind__in=kinds, ok=True).first()
 
 
-def _rebase_sync_ledger(models, alias):
-    """After the rollback the two sides are equal: tell the sync's ledger so."""
-    usercopy.mark_in_sync(models, alias=alias)
+# A digest no row has: the ledger's mark for "this side is not what the last sync saw".
+NO_DIGEST = "00000000-0000-0000-0000-000000000000"
+
+
+def _rebase_sync_ledger(models, alias, exclude=()):
+    """After the rollback the two sides are equal, except for the users it left out
+    (`exclude`): tell the sync's ledger so; the next sync reports those as conflicts.
+
+    `mark_in_sync` marks their new side as changed; the sync reports a conflict only when
+    the legacy side changed too, so their legacy side is marked as well: else the sync would
+    keep the values the legacy table could not take, and a second cut-over would bring them
+    back. (Left-out signups have no legacy row and stay signups: the sync never touches them.)
+    """
+    usercopy.mark_in_sync(models, alias=alias, exclude=exclude)
+    ids = sorted(exclude)
+    for i in range(0, len(ids), 900):
+        models.state.objects.using(alias).filter(pk__in=ids[i : i + 900]).update(
+            legacy_digest=NO_DIGEST
+        )
 
 
 # --- the catalog: foreign keys to a user table --------------------------------------------------
@@ -132,12 +165,13 @@ def _rebase_sync_ledger(models, alias):
 class ForeignKey:
     """One foreign key constraint to a user table, as the database catalog shows it."""
 
-    table: str
+    table: str  # as SQL names it: quoted where needed, schema-qualified outside search_path
     columns: tuple[str, ...]
     ref_columns: tuple[str, ...]
     name: str = ""  # PostgreSQL's constraint name (SQLite's have none)
     definition: str = ""  # pg_get_constraintdef()
     validated: bool = True
+    relname: str = ""  # the bare table name (for the new constraint's name)
 
     def __str__(self):
         return f"{self.table}({', '.join(self.columns)})"
@@ -152,15 +186,21 @@ def _link_tables(model) -> set[str]:
 
 
 def _foreign_keys_to(model, alias) -> list[ForeignKey]:
-    """Every foreign key to `model`'s table in the catalog, except its own link tables."""
+    """Every foreign key to `model`'s table in the catalog, except its own link tables.
+
+    PostgreSQL names each table as `regclass` prints it (`crm.contact` for a table in another
+    schema, `"Order"` for one that needs quoting), so the name can go into SQL as it is.
+    """
     connection = connections[alias]
+    qn = connection.ops.quote_name
     table = model._meta.db_table
     own = _link_tables(model)
     found = []
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
             cursor.execute(
-                """SELECT r.relname, c.conname, pg_get_constraintdef(c.oid), c.convalidated,
+                """SELECT c.conrelid::regclass::text, r.relname, c.conname,
+                    pg_get_constraintdef(c.oid), c.convalidated,
                     ARRAY(SELECT a.attname FROM unnest(c.conkey) WITH ORDINALITY k(n, i)
                           JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.n
                           ORDER BY k.i),
@@ -169,19 +209,18 @@ def _foreign_keys_to(model, alias) -> list[ForeignKey]:
                           ORDER BY k.i)
                 FROM pg_constraint c JOIN pg_class r ON r.oid = c.conrelid
                 WHERE c.contype = 'f' AND c.confrelid = to_regclass(%s)
-                ORDER BY r.relname, c.conname""",
-                [table],
+                AND c.conrelid <> ALL (ARRAY(SELECT to_regclass(t) FROM unnest(%s::text[]) t))
+                ORDER BY 1, c.conname""",
+                [qn(table), [qn(t) for t in sorted(own)]],
             )
-            for other, name, definition, validated, cols, ref_cols in cursor.fetchall():
-                if other not in own:
-                    found.append(
-                        ForeignKey(other, tuple(cols), tuple(ref_cols), name, definition, validated)
-                    )
+            for other, relname, name, definition, validated, cols, ref_cols in cursor.fetchall():
+                fk = ForeignKey(other, tuple(cols), tuple(ref_cols), name, definition)
+                found.append(replace(fk, validated=validated, relname=relname))
             return found
         for other in sorted(connection.introspection.table_names(cursor)):
             if other in own:
                 continue
-            cursor.execute(f"PRAGMA foreign_key_list({connection.ops.quote_name(other)})")
+            cursor.execute(f"PRAGMA foreign_key_list({qn(other)})")
             parts: dict[int, list] = {}
             for fk_id, seq, ref_table, col, ref_col, *_ in cursor.fetchall():
                 if ref_table == table:
@@ -189,9 +228,42 @@ def _foreign_keys_to(model, alias) -> list[ForeignKey]:
             for cols in parts.values():
                 cols.sort()
                 found.append(
-                    ForeignKey(other, tuple(c for _, c, _ in cols), tuple(r for *_, r in cols))
+                    ForeignKey(
+                        other,
+                        tuple(c for _, c, _ in cols),
+                        tuple(r for *_, r in cols),
+                        relname=other,
+                    )
                 )
     return found
+
+
+def _sql_table(fk: ForeignKey, connection) -> str:
+    """The referencing table as SQL names it (PostgreSQL's catalog gives it quoted already)."""
+    return fk.table if connection.vendor == "postgresql" else connection.ops.quote_name(fk.table)
+
+
+def _is_unique_key(model, columns, alias) -> bool:
+    """Do `columns` form a unique key of `model`'s table, one a foreign key can reference?
+
+    PostgreSQL accepts a primary key, a unique constraint or a unique index without a
+    predicate or expressions, not deferrable, on exactly those columns (in any order).
+    """
+    connection = connections[alias]
+    if connection.vendor != "postgresql":
+        return True  # SQLite: only Django's single-column keys move (`_django_field`)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """SELECT EXISTS (SELECT 1 FROM pg_index i
+                WHERE i.indrelid = to_regclass(%s) AND i.indisunique AND i.indimmediate
+                AND i.indpred IS NULL AND i.indexprs IS NULL
+                AND ARRAY(SELECT a.attname::text
+                          FROM unnest((i.indkey::int2[])[0:i.indnkeyatts - 1]) k(n)
+                          JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.n
+                          ORDER BY 1) = %s::text[])""",
+            [connection.ops.quote_name(model._meta.db_table), sorted(columns)],
+        )
+        return bool(cursor.fetchone()[0])
 
 
 def _not_valid_foreign_keys_to(model, alias) -> list[ForeignKey]:
@@ -245,13 +317,11 @@ def _repoint(fk: ForeignKey, source, target, alias, editor, name: str = "") -> s
     definition = fk.definition.replace(reference, f"REFERENCES {dst}(")
     # Django's own name for this foreign key (its schema editor's naming rule).
     name = name or editor._create_index_name(
-        fk.table, fk.columns, suffix=f"_fk_{dst}_{fk.ref_columns[0]}"
+        fk.relname, fk.columns, suffix=f"_fk_{dst}_{fk.ref_columns[0]}"
     )
     with connection.cursor() as cursor:
-        cursor.execute(f"ALTER TABLE {qn(fk.table)} DROP CONSTRAINT {qn(fk.name)}")
-        cursor.execute(
-            f"ALTER TABLE {qn(fk.table)} ADD CONSTRAINT {qn(name)} {definition} NOT VALID"
-        )
+        cursor.execute(f"ALTER TABLE {fk.table} DROP CONSTRAINT {qn(fk.name)}")
+        cursor.execute(f"ALTER TABLE {fk.table} ADD CONSTRAINT {qn(name)} {definition} NOT VALID")
     return name
 
 
@@ -269,7 +339,7 @@ def _references_without(fk: ForeignKey, target, alias, same_person: str) -> int:
     not_null = " AND ".join(f"r.{qn(col)} IS NOT NULL" for col in fk.columns)
     with connection.cursor() as cursor:
         cursor.execute(
-            f"""SELECT COUNT(*) FROM {qn(fk.table)} r WHERE {not_null} AND NOT EXISTS (
+            f"""SELECT COUNT(*) FROM {_sql_table(fk, connection)} r WHERE {not_null} AND NOT EXISTS (
                 SELECT 1 FROM {qn(target._meta.db_table)} t
                 JOIN {qn(source._meta.db_table)} s ON s.id = t.id AND {same_person}
                 WHERE {match})"""
@@ -303,9 +373,14 @@ def _orphans(fks, target, alias, missing, same_person) -> dict[str, int]:
     return found
 
 
+# Generic references: a content type column and the referenced object's id next to it
+# (`GenericForeignKey`'s default names; django-guardian and others call it object_pk).
+GENERIC_ID_COLUMNS = ("object_id", "object_pk")
+
+
 def _generic_references(model, alias) -> dict[str, int]:
-    """Rows of tables with a content_type_id/object_id pair that point at `model` (not the
-    admin log, which moves)."""
+    """Rows, per `table(content_type_id, object_id)` pair, whose content type is `model` (not
+    the admin log's, which move)."""
     connection = connections[alias]
     qn = connection.ops.quote_name
     ct = (
@@ -321,12 +396,13 @@ def _generic_references(model, alias) -> dict[str, int]:
             if table == ADMIN_LOG:
                 continue
             names = {c.name for c in connection.introspection.get_table_description(cursor, table)}
-            if {"content_type_id", "object_id"} <= names:
-                cursor.execute(
-                    f"SELECT COUNT(*) FROM {qn(table)} WHERE content_type_id = %s", [ct.pk]
-                )
-                if n := cursor.fetchone()[0]:
-                    found[table] = n
+            pairs = [c for c in GENERIC_ID_COLUMNS if c in names]
+            if "content_type_id" not in names or not pairs:
+                continue
+            cursor.execute(f"SELECT COUNT(*) FROM {qn(table)} WHERE content_type_id = %s", [ct.pk])
+            if n := cursor.fetchone()[0]:
+                for column in pairs:
+                    found[f"{table}(content_type_id, {column})"] = n
     return found
 
 
@@ -357,15 +433,20 @@ def _read_only_message(at) -> str:
 
 
 def _make_read_only(alias, message: str) -> None:
-    """A trigger refuses every write to the legacy table, and new links in its link tables.
+    """Triggers refuse every write to the legacy table and its group and permission links.
 
-    Deleting a link stays allowed: deleting a group or permission on the new side takes its
-    legacy links with it (the rollback rewrites the links from NewUser anyway).
+    PostgreSQL: INSERT, UPDATE, DELETE and TRUNCATE, statement by statement, except for one
+    case: deleting a group or permission on the new side takes its legacy links with it
+    (Django deletes the links first, then the group). A deferred trigger checks each deleted
+    link at commit and refuses it unless its group or permission is gone by then.
+    SQLite (no TRUNCATE, no deferred triggers): INSERT, UPDATE and DELETE on the legacy
+    table, INSERT and UPDATE on its links; deleting a link stays possible there.
     """
     connection = connections[alias]
     qn = connection.ops.quote_name
     table = User._meta.db_table
     quoted = message.replace("'", "''")
+    links = [usercopy.link_table(User, name) for name in ("groups", "user_permissions")]
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
             function = qn(_trigger_name(table))
@@ -374,13 +455,43 @@ def _make_read_only(alias, message: str) -> None:
                 BEGIN RAISE EXCEPTION USING ERRCODE = 'read_only_sql_transaction',
                     MESSAGE = '{quoted}'; END $$"""
             )
-            for t in [table, *sorted(_link_tables(User))]:
-                events = (
-                    "INSERT OR UPDATE OR DELETE OR TRUNCATE" if t == table else "INSERT OR UPDATE"
+            # TG_ARGV: the group (or permission) table and the link's column pointing at it.
+            link_delete = qn(_trigger_name(table, "link_delete"))
+            cursor.execute(
+                f"""CREATE OR REPLACE FUNCTION {link_delete}() RETURNS trigger LANGUAGE plpgsql
+                AS $$ DECLARE still_there boolean; BEGIN
+                    EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s WHERE id = $1)', TG_ARGV[0])
+                        INTO still_there USING (to_jsonb(OLD) ->> TG_ARGV[1])::bigint;
+                    IF still_there THEN
+                        RAISE EXCEPTION USING ERRCODE = 'read_only_sql_transaction',
+                            MESSAGE = '{quoted}';
+                    END IF;
+                    RETURN NULL;
+                END $$"""
+            )
+            cursor.execute(
+                f"CREATE TRIGGER {qn(_trigger_name(table))} BEFORE INSERT OR UPDATE OR DELETE "
+                f"OR TRUNCATE ON {qn(table)} FOR EACH STATEMENT EXECUTE FUNCTION {function}()"
+            )
+            for through, _user_column, other_column in links:
+                t = through._meta.db_table
+                other = next(
+                    f.related_model
+                    for f in through._meta.concrete_fields
+                    if f.column == other_column
+                )
+                arguments = ", ".join(
+                    "'" + v.replace("'", "''") + "'"
+                    for v in (qn(other._meta.db_table), other_column)
                 )
                 cursor.execute(
-                    f"CREATE TRIGGER {qn(_trigger_name(t))} BEFORE {events} ON {qn(t)} "
-                    f"FOR EACH STATEMENT EXECUTE FUNCTION {function}()"
+                    f"CREATE TRIGGER {qn(_trigger_name(t))} BEFORE INSERT OR UPDATE OR TRUNCATE "
+                    f"ON {qn(t)} FOR EACH STATEMENT EXECUTE FUNCTION {function}()"
+                )
+                cursor.execute(
+                    f"CREATE CONSTRAINT TRIGGER {qn(_trigger_name(t, 'delete'))} AFTER DELETE "
+                    f"ON {qn(t)} DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION "
+                    f"{link_delete}({arguments})"
                 )
             return
         for t in [table, *sorted(_link_tables(User))]:
@@ -397,8 +508,9 @@ def _make_writable(alias) -> None:
     table = User._meta.db_table
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
-            # Dropping the function drops the triggers that call it.
-            cursor.execute(f"DROP FUNCTION IF EXISTS {qn(_trigger_name(table))}() CASCADE")
+            # Dropping the functions drops the triggers that call them.
+            for function in (_trigger_name(table), _trigger_name(table, "link_delete")):
+                cursor.execute(f"DROP FUNCTION IF EXISTS {qn(function)}() CASCADE")
             return
         for t in [table, *sorted(_link_tables(User))]:
             for event in ("insert", "update", "delete"):
@@ -447,15 +559,21 @@ class _Run:
     kind = ""
     source = target = None  # the user model writes move away from, and the one they move to
 
-    def __init__(self, *, alias, dry_run, skip_invalid, lock_timeout, say):
+    def __init__(self, *, alias, dry_run, skip_invalid, lock_timeout, say, allow_mass_delete):
         self.alias = alias
         self.connection = connections[alias]
         self.dry_run = dry_run
         self.skip_invalid = skip_invalid
         self.lock_timeout = lock_timeout
+        self.allow_mass_delete = allow_mass_delete
         self.say = say or (lambda text, level=1: None)
         self.outcome = Outcome(kind=self.kind, dry_run=dry_run)
         self.started_at = timezone.now()
+
+    @property
+    def timeout_ms(self) -> str:
+        """`lock_timeout` for PostgreSQL's settings: milliseconds, at least 1 (0 means none)."""
+        return str(max(1, round(self.lock_timeout * 1000)))
 
     @contextmanager
     def step(self, name: str, what: str):
@@ -479,24 +597,78 @@ class _Run:
                 "The account tables do not exist: run `python manage.py migrate` first."
             )
 
+    def refuse_unmovable(self, fks):
+        """A foreign key must reference a unique key of the table it moves to."""
+        for fk in fks:
+            if not _is_unique_key(self.target, fk.ref_columns, self.alias):
+                raise CutoverError(
+                    f"Cannot re-point {fk.name or fk} on {fk.table}: it references "
+                    f"({', '.join(fk.ref_columns)}) of {self.source._meta.db_table}, which are "
+                    f"not a unique key of {self.target._meta.db_table}. Make it reference the id "
+                    "alone (or drop it), then run again. Nothing was changed."
+                )
+
     def lock(self, models):
         """Keep writers off these tables until commit; readers go on (PostgreSQL)."""
-        if self.connection.vendor != "postgresql":
-            return  # SQLite: the IMMEDIATE transaction holds the database's write lock
-        qn = self.connection.ops.quote_name
         tables = [m._meta.db_table for m in models]
         for model in models:
             tables += sorted(_link_tables(model))
-        with self.connection.cursor() as cursor:
-            cursor.execute(
-                "SELECT set_config('lock_timeout', %s, true)", [f"{self.lock_timeout * 1000:.0f}"]
-            )
-            cursor.execute(f"LOCK TABLE {', '.join(qn(t) for t in tables)} IN EXCLUSIVE MODE")
+        qn = self.connection.ops.quote_name
+        self.lock_tables([qn(t) for t in tables], "EXCLUSIVE")
         self.say(f"  locked {', '.join(tables)} against writers", 2)
+
+    def lock_for_swap(self, fks):
+        """Take every lock the swap needs at once, before changing any constraint.
+
+        Dropping a foreign key takes ACCESS EXCLUSIVE on its table and on the user table it
+        references; one ALTER after another, each waiting up to `lock_timeout` while holding
+        the locks taken before, could keep readers out for tables x timeout. One LOCK TABLE
+        under `lock_timeout` (and a statement timeout as long) waits once, or gives up.
+        """
+        qn = self.connection.ops.quote_name
+        users = [User, NewUser]
+        tables = [qn(m._meta.db_table) for m in users]
+        tables += [qn(t) for t in sorted(_link_tables(User))]
+        tables += [_sql_table(fk, self.connection) for fk in fks] + [qn(ADMIN_LOG)]
+        tables = list(dict.fromkeys(tables))  # each once, in this order
+        self.lock_tables(tables, "ACCESS EXCLUSIVE")
+        self.say(f"  locked {', '.join(tables)} for the swap (readers wait too)", 2)
+
+    def lock_tables(self, tables, mode):
+        """LOCK TABLE in one statement, waiting at most `lock_timeout` in all (PostgreSQL).
+
+        SQLite: nothing to do, the IMMEDIATE transaction holds the database's write lock.
+        """
+        if self.connection.vendor != "postgresql":
+            return
+        ms = self.timeout_ms
+        with self.connection.cursor() as cursor:
+            cursor.execute("SELECT current_setting('statement_timeout')")
+            statement_timeout = cursor.fetchone()[0]
+            # lock_timeout bounds each table's wait; statement_timeout the statement's.
+            cursor.execute(
+                "SELECT set_config('lock_timeout', %s, true), "
+                "set_config('statement_timeout', %s, true)",
+                [ms, ms],
+            )
+            try:
+                cursor.execute(f"LOCK TABLE {', '.join(tables)} IN {mode} MODE")
+            except OperationalError as exc:
+                if getattr(exc.__cause__, "sqlstate", None) not in LOCK_TIMEOUT_SQLSTATES:
+                    raise
+                raise CutoverError(
+                    f"Could not lock the tables within {self.lock_timeout:g} s: another session "
+                    "is using them (an app instance still running?). Stop it and run again; "
+                    "nothing was changed."
+                ) from exc
+            cursor.execute("SELECT set_config('statement_timeout', %s, true)", [statement_timeout])
 
     @contextmanager
     def switch_transaction(self):
-        """One transaction; on SQLite inside Django's schema editor (it rebuilds tables)."""
+        """One transaction; on SQLite inside Django's schema editor (it rebuilds tables).
+
+        Whatever the database refuses in it ends in one line: the transaction is rolled back.
+        """
         try:
             if self.connection.vendor == "postgresql":
                 with transaction.atomic(using=self.alias):
@@ -504,19 +676,11 @@ class _Run:
             else:
                 with self.connection.schema_editor(atomic=True) as editor:
                     yield editor
-        except OperationalError as exc:
-            if getattr(exc.__cause__, "sqlstate", None) == LOCK_TIMEOUT_SQLSTATE:
-                raise CutoverError(
-                    f"Could not lock the tables within {self.lock_timeout:g} s: another session "
-                    "is using them (an app instance still running?). Stop it and run again; "
-                    "nothing was changed."
-                ) from exc
-            raise
-        except IntegrityError as exc:
-            first = (str(exc).strip().splitlines() or ["integrity error"])[0]
+        except DatabaseError as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise CutoverError(
-                f"The database refused the {self.kind} ({first}); nothing was changed. "
-                "Another process may have written meanwhile: stop it and run again."
+                f"The database refused the {self.kind} ({first}); it was rolled back, nothing "
+                "was changed. Fix that and run again (--dry-run shows the plan)."
             ) from exc
 
     def repoint(self, fks, editor, names=None):
@@ -543,11 +707,11 @@ class _Run:
                 with transaction.atomic(using=self.alias), self.connection.cursor() as cursor:
                     cursor.execute(
                         "SELECT set_config('lock_timeout', %s, true)",
-                        [f"{self.lock_timeout * 1000:.0f}"],
+                        [self.timeout_ms],
                     )
-                    cursor.execute(f"ALTER TABLE {qn(fk.table)} VALIDATE CONSTRAINT {qn(fk.name)}")
+                    cursor.execute(f"ALTER TABLE {fk.table} VALIDATE CONSTRAINT {qn(fk.name)}")
             except OperationalError as exc:
-                if getattr(exc.__cause__, "sqlstate", None) != LOCK_TIMEOUT_SQLSTATE:
+                if getattr(exc.__cause__, "sqlstate", None) not in LOCK_TIMEOUT_SQLSTATES:
                     raise
                 raise CutoverError(
                     f"The {self.kind} itself is done, but validating {fk.name} on {fk.table} "
@@ -557,7 +721,13 @@ class _Run:
             self.outcome.validated.append(fk.name)
 
     def take_backup(self):
-        outcome = backup(directory=settings.BACKUP_DIR)
+        try:
+            outcome = backup(directory=settings.BACKUP_DIR)
+        except BackupError as exc:
+            raise CutoverError(
+                f"The backup failed, so the {self.kind} stopped before its switch: {exc} "
+                "(BACKUP_DIR sets where backups go)."
+            ) from exc
         outcome.log(OperationLog.Kind.BACKUP, self.started_at)
         self.outcome.backup = str(outcome.path)
         self.say(f"  {outcome.line('backed up')}", 2)
@@ -614,7 +784,10 @@ class Cutover(_Run):
             self.outcome.steps["final sync"] = time.perf_counter() - started
             started = time.perf_counter()
             # Read again under the lock: the catalog is what counts, not what the check saw.
-            self.repoint(_foreign_keys_to(User, self.alias), editor)
+            fks = _foreign_keys_to(User, self.alias)
+            self.refuse_unmovable(fks)
+            self.lock_for_swap(fks)
+            self.repoint(fks, editor)
             self.outcome.admin_log_entries = _move_admin_log(User, NewUser, self.alias)
             self.say(f"  {self.outcome.admin_log_entries} admin log entries moved", 2)
             _make_read_only(self.alias, _read_only_message(timezone.now()))
@@ -641,12 +814,13 @@ class Cutover(_Run):
         if self.connection.vendor != "postgresql":
             for fk in fks:
                 _django_field(fk, NewUser)  # refuses tables SQLite cannot rebuild
+        self.refuse_unmovable(fks)
         self.say(f"  {len(fks)} foreign keys to move: {', '.join(map(str, fks)) or 'none'}")
         self.outcome.generic_references = _generic_references(User, self.alias)
-        for table, n in self.outcome.generic_references.items():
+        for pair, n in self.outcome.generic_references.items():
             self.say(
-                f"  note: {table} has {n} rows whose content_type_id/object_id point at legacy "
-                "users; they are not moved (decide for your app: docs/cutover.md)"
+                f"  note: {n} rows of {pair} point at legacy users (generic references); they "
+                "are not moved (decide for your app: docs/cutover.md)"
             )
         return fks
 
@@ -714,6 +888,17 @@ class CarryBack:
     skipped: list = field(default_factory=list)  # NewUser ids not carried (reported)
     changed: Counter = field(default_factory=Counter)  # field -> users
     problems: list = field(default_factory=list)  # (id, reason, detail)
+    # column -> ids of updated users whose value of that unique column changes
+    moved_values: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Carried:
+    """One NewUser row the rollback means to write into the legacy table."""
+
+    exists: bool  # the legacy row is there (an update), else a signup
+    values: dict  # column -> the final legacy value
+    changed: list  # the columns that change
 
 
 def _same_value(name, legacy_value, new_value) -> bool:
@@ -727,6 +912,36 @@ def _same_value(name, legacy_value, new_value) -> bool:
         return rule(legacy_value)[0] == new_value
     except Rejected:
         return False
+
+
+def _advance_sequence(model, alias, *past) -> None:
+    """Move `model`'s id sequence past its own ids and those of the `past` models' tables,
+    never backwards: an id handed out once (a user deleted since) is not handed out again.
+
+    Django's `sequence_reset_sql` sets it to the highest id there now, which can be lower.
+    """
+    connection = connections[alias]
+    qn = connection.ops.quote_name
+    table = model._meta.db_table
+    highest = ", ".join(
+        f"(SELECT COALESCE(MAX(id), 0) FROM {qn(m._meta.db_table)})" for m in (model, *past)
+    )
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute("SELECT pg_get_serial_sequence(%s, 'id')", [qn(table)])
+            sequence = cursor.fetchone()[0]
+            cursor.execute(
+                f"SELECT setval(%s, GREATEST((SELECT last_value FROM {sequence}), {highest}))",
+                [sequence],
+            )
+            return
+        # SQLite (AUTOINCREMENT): the next id is past sqlite_sequence's value and every id.
+        cursor.execute("SELECT COUNT(*) FROM sqlite_sequence WHERE name = %s", [table])
+        if not cursor.fetchone()[0]:
+            cursor.execute("INSERT INTO sqlite_sequence (name, seq) VALUES (%s, 0)", [table])
+        cursor.execute(
+            f"UPDATE sqlite_sequence SET seq = MAX(seq, {highest}) WHERE name = %s", [table]
+        )
 
 
 class Rollback(_Run):
@@ -775,6 +990,7 @@ class Rollback(_Run):
             self.outcome.counts = Counter()
             self.report(plan)
             fks = self.moved_back(moved)  # the catalog under the lock is what counts
+            self.lock_for_swap(fks)
             _make_writable(self.alias)
             self.carry_back(plan)
             missing = sorted(set(plan.skipped) - self.existing_legacy_ids(plan.skipped))
@@ -788,7 +1004,8 @@ class Rollback(_Run):
                 )
             self.repoint(fks, editor, names=moved)
             self.outcome.admin_log_entries = _move_admin_log(NewUser, User, self.alias)
-            _rebase_sync_ledger(MODELS, self.alias)
+            # The users left out differ on the two sides: the next sync reports them.
+            _rebase_sync_ledger(MODELS, self.alias, exclude=plan.skipped)
             self.outcome.blocked_seconds = time.perf_counter() - blocked
             self.record(self.message())
         self.outcome.blocked_seconds = time.perf_counter() - blocked
@@ -802,6 +1019,7 @@ class Rollback(_Run):
         if self.connection.vendor != "postgresql":
             for fk in fks:
                 _django_field(fk, User)  # refuses tables SQLite cannot rebuild
+        self.refuse_unmovable(fks)
         return fks
 
     def finish_earlier_run(self) -> Outcome:
@@ -814,14 +1032,19 @@ class Rollback(_Run):
         return self.outcome
 
     def plan(self) -> CarryBack:
-        """Compare every NewUser row with its legacy row; decide what goes back."""
+        """Compare every NewUser row with its legacy row; decide what goes back.
+
+        A row goes back unless the legacy schema cannot hold it (`problem`) or its unique
+        values would clash with another row of the legacy table as the rollback leaves it
+        (`clashes`); those are reported and skipped.
+        """
         plan = CarryBack()
+        carried: dict[int, _Carried] = {}
         qn = self.connection.ops.quote_name
         new_cols = ", ".join(f"n.{qn(c)}" for c in COLUMNS)
         old_cols = ", ".join(f"l.{qn(c)}" for c in COLUMNS)
         limits = {c: User._meta.get_field(c).max_length for c in COLUMNS}
         legacy_t, new_t = qn(User._meta.db_table), qn(NewUser._meta.db_table)
-        kept = self.legacy_usernames_kept()
         n = len(COLUMNS)
         with self.connection.chunked_cursor() as cursor:
             cursor.execute(
@@ -842,37 +1065,38 @@ class Rollback(_Run):
                                 changed.append(name)
                         if not changed:
                             continue
-                    problem = self.problem(pk, dict(zip(COLUMNS, final, strict=True)), limits, kept)
-                    if problem:
+                    values = dict(zip(COLUMNS, final, strict=True))
+                    if problem := self.problem(pk, values, limits):
                         plan.problems.append((pk, *problem))
                         plan.skipped.append(pk)
-                    elif in_legacy is None:
-                        plan.signups.append((pk, *final))
                     else:
-                        plan.updates.append((*final, pk))
-                        plan.changed.update(changed)
+                        carried[pk] = _Carried(in_legacy is not None, values, changed)
         # Legacy users gone from NewUser: deleted on the new side, unless left behind.
         plan.deletes = [
             pk
             for pk in _unmirrored_ids(User, NewUser, self.alias, self.same_person)
             if pk not in self.left_behind
         ]
+        # A user left out keeps its legacy values, which may clash in turn: until none does.
+        while clashes := self.clashes(carried, plan.deletes):
+            for pk, problem in sorted(clashes.items()):
+                plan.problems.append((pk, *problem))
+                plan.skipped.append(pk)
+                del carried[pk]
+        for pk, row in carried.items():
+            final = [row.values[c] for c in COLUMNS]
+            if not row.exists:
+                plan.signups.append((pk, *final))
+                continue
+            plan.updates.append((*final, pk))
+            plan.changed.update(row.changed)
+            for column in UNIQUE_COLUMNS:
+                if column in row.changed:
+                    plan.moved_values.setdefault(column, []).append(pk)
+        plan.skipped.sort()
         return plan
 
-    def legacy_usernames_kept(self) -> dict[str, int]:
-        """Usernames of the legacy users left behind by the cut-over (they stay as they are)."""
-        ids = sorted(self.left_behind)
-        found = {}
-        for i in range(0, len(ids), 10_000):
-            for pk, username in (
-                User.objects.using(self.alias)
-                .filter(pk__in=ids[i : i + 10_000])
-                .values_list("pk", "username")
-            ):
-                found[username] = pk
-        return found
-
-    def problem(self, pk, values, limits, kept) -> tuple[str, str] | None:
+    def problem(self, pk, values, limits) -> tuple[str, str] | None:
         """Why the legacy schema cannot hold this NewUser row, or None."""
         if pk in self.left_behind:
             return "id_taken", f"id {pk} belongs to a legacy user the cut-over left behind"
@@ -883,12 +1107,69 @@ class Rollback(_Run):
                     f"{name}_too_long",
                     f"{name} has {len(value)} characters (legacy max {limit})",
                 )
-        if values["username"] in kept:
-            other = kept[values["username"]]
-            return "username_taken", f"legacy user {other} (left behind) has this username"
         return None
 
+    def clashes(self, carried: dict, deletes) -> dict[int, tuple[str, str]]:
+        """Carried users whose unique values another row holds in the final legacy table.
+
+        The final table: legacy rows not deleted and not carried keep their values; carried
+        rows take theirs. Values carried rows give up are free (they are moved out of the way
+        before any is written), so renames, reuse of a freed name and swaps all fit.
+        """
+        found = {}
+        vacated = set(deletes) | {pk for pk, row in carried.items() if row.exists}
+        for column in UNIQUE_COLUMNS:
+            wanted: dict = {}
+            for pk, row in carried.items():
+                if row.values[column] is not None:
+                    wanted.setdefault(row.values[column], []).append(pk)
+            holders = self.legacy_holders(column, list(wanted))
+            for value, pks in wanted.items():
+                if len(pks) > 1:
+                    for pk in pks:
+                        others = ", ".join(str(o) for o in pks if o != pk)
+                        found[pk] = (f"{column}_taken", f"new users {others} have it too")
+                    continue
+                keeper = next((h for h in holders.get(value, ()) if h not in vacated), None)
+                if keeper is not None:
+                    how = " (left behind by the cut-over)" if keeper in self.left_behind else ""
+                    found[pks[0]] = (
+                        f"{column}_taken",
+                        f"legacy user {keeper}{how} keeps this {column}",
+                    )
+        return found
+
+    def legacy_holders(self, column, values) -> dict:
+        """value -> ids of the legacy rows holding it now."""
+        found: dict = {}
+        users = User.objects.using(self.alias)
+        for i in range(0, len(values), 900):  # below SQLite's 999 parameters
+            for value, pk in users.filter(**{f"{column}__in": values[i : i + 900]}).values_list(
+                column, "pk"
+            ):
+                found.setdefault(value, []).append(pk)
+        return found
+
+    def refuse_mass_delete(self, plan: CarryBack):
+        """Deleting many legacy users means NewUser lost rows, not that users left."""
+        if not NewUser.objects.using(self.alias).exists():
+            raise CutoverError(
+                f"{NewUser._meta.db_table} is empty: the rollback would delete every legacy "
+                "user. Restore it from the cut-over's backup (`make restore`), then run again. "
+                "Nothing was changed."
+            )
+        total = User.objects.using(self.alias).count()
+        limit = min(MASS_DELETE_CEILING, max(MASS_DELETE_FLOOR, int(total * MASS_DELETE_SHARE)))
+        if len(plan.deletes) > limit and not self.allow_mass_delete:
+            raise CutoverError(
+                f"The rollback would delete {len(plan.deletes)} of {total} legacy users (their "
+                f"NewUser rows are gone); more than {limit} looks like lost rows, not deleted "
+                "users. Check NewUser (restore it from a backup if rows were lost), or run again "
+                "with --allow-mass-delete if they were deleted. Nothing was changed."
+            )
+
     def report(self, plan: CarryBack):
+        self.refuse_mass_delete(plan)
         counts = self.outcome.counts
         counts.update(
             signups=len(plan.signups),
@@ -924,18 +1205,31 @@ class Rollback(_Run):
 
     def write_report(self, problems) -> Path:
         report_dir = Path(settings.REPORT_DIR)
-        report_dir.mkdir(parents=True, exist_ok=True)
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
         path = report_dir / f"user-rollback-{stamp}-{os.getpid()}.csv"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with open(fd, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(("new_user_id", "reason", "detail"))
-            writer.writerows(problems)
+        try:
+            report_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with open(fd, "w", newline="", encoding="utf-8") as f:
+                writer = csv.writer(f)
+                writer.writerow(("new_user_id", "reason", "detail"))
+                writer.writerows(problems)
+        except OSError as exc:
+            raise CutoverError(
+                f"Cannot write the rollback's report in {report_dir} ({exc.strerror or exc}): "
+                "set REPORT_DIR to a writable directory and run again. Nothing was changed."
+            ) from exc
         return path
 
     def existing_legacy_ids(self, ids) -> set[int]:
-        return set(User.objects.using(self.alias).filter(pk__in=ids).values_list("pk", flat=True))
+        found = set()
+        for i in range(0, len(ids), 900):
+            found.update(
+                User.objects.using(self.alias)
+                .filter(pk__in=ids[i : i + 900])
+                .values_list("pk", flat=True)
+            )
+        return found
 
     @contextmanager
     def excluded(self, plan: CarryBack):
@@ -985,10 +1279,26 @@ class Rollback(_Run):
         return changes
 
     def carry_back(self, plan: CarryBack):
+        """Write the plan: deletions first, then the unique values carried rows give up are
+        moved out of the way ('~' and the id: no valid username has '~'), then the signups
+        and the updates; so a freed username can be reused and two users can swap."""
         qn = self.connection.ops.quote_name
         table = qn(User._meta.db_table)
         cols = ", ".join(qn(c) for c in COLUMNS)
         with self.connection.cursor() as cursor:
+            for i in range(0, len(plan.deletes), 900):
+                batch = plan.deletes[i : i + 900]
+                cursor.execute(
+                    f"DELETE FROM {table} WHERE id IN ({', '.join(['%s'] * len(batch))})", batch
+                )
+            for column, ids in plan.moved_values.items():
+                for i in range(0, len(ids), 900):
+                    batch = ids[i : i + 900]
+                    cursor.execute(
+                        f"UPDATE {table} SET {qn(column)} = '~' || CAST(id AS TEXT) "
+                        f"WHERE id IN ({', '.join(['%s'] * len(batch))})",
+                        batch,
+                    )
             if plan.signups:
                 marks = ", ".join(["%s"] * (len(COLUMNS) + 1))
                 cursor.executemany(
@@ -998,14 +1308,10 @@ class Rollback(_Run):
                 sets = ", ".join(f"{qn(c)} = %s" for c in COLUMNS)
                 cursor.executemany(f"UPDATE {table} SET {sets} WHERE id = %s", plan.updates)
         self.link_changes(plan, apply=True)
-        with self.connection.cursor() as cursor:
-            for i in range(0, len(plan.deletes), 10_000):
-                batch = plan.deletes[i : i + 10_000]
-                cursor.execute(
-                    f"DELETE FROM {table} WHERE id IN ({', '.join(['%s'] * len(batch))})", batch
-                )
-        links = [usercopy.link_table(User, name)[0] for name in ("groups", "user_permissions")]
-        reset_sequences([User, *links], self.alias)
+        # Past every NewUser id too: a user the rollback left out keeps its id for later.
+        _advance_sequence(User, self.alias, NewUser)
+        for name in ("groups", "user_permissions"):
+            _advance_sequence(usercopy.link_table(User, name)[0], self.alias)
         self.say(
             f"  carried back {len(plan.signups)} signups, {len(plan.updates)} changed users, "
             f"deleted {len(plan.deletes)}",
@@ -1025,10 +1331,11 @@ class Rollback(_Run):
 # --- entry points ------------------------------------------------------------------------------
 
 
-def _run(cls, *, alias, dry_run, skip_invalid, lock_timeout, say) -> Outcome:
-    run = cls(
-        alias=alias, dry_run=dry_run, skip_invalid=skip_invalid, lock_timeout=lock_timeout, say=say
-    )
+def _run(cls, **options) -> Outcome:
+    lock_timeout = options["lock_timeout"]
+    if not (math.isfinite(lock_timeout) and lock_timeout > 0):
+        raise CutoverError(f"lock_timeout must be a number of seconds > 0, got {lock_timeout}")
+    run = cls(**options)
     try:
         return run.run()
     except CutoverError as exc:
@@ -1052,6 +1359,7 @@ def cutover(
         skip_invalid=skip_invalid,
         lock_timeout=lock_timeout,
         say=say,
+        allow_mass_delete=False,
     )
 
 
@@ -1060,10 +1368,15 @@ def rollback(
     alias: str = "default",
     dry_run: bool = False,
     skip_invalid: bool = False,
+    allow_mass_delete: bool = False,
     lock_timeout: float = 5.0,
     say=None,
 ) -> Outcome:
-    """Move the database back to the legacy user table, carrying NewUser's writes with it."""
+    """Move the database back to the legacy user table, carrying NewUser's writes with it.
+
+    It refuses when NewUser is empty, and when it would delete more than 1% of the legacy
+    users (at least 10, at most 1000) unless `allow_mass_delete`.
+    """
     return _run(
         Rollback,
         alias=alias,
@@ -1071,4 +1384,5 @@ def rollback(
         skip_invalid=skip_invalid,
         lock_timeout=lock_timeout,
         say=say,
+        allow_mass_delete=allow_mass_delete,
     )

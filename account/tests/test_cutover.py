@@ -56,7 +56,8 @@ LogEntry.objects.create(
 # The project's own tables, unknown to Django: an order table and a many-to-many table.
 SHOP = [
     """CREATE TABLE shop_order (id bigserial PRIMARY KEY,
-        user_id bigint NOT NULL REFERENCES account_user (id), total integer NOT NULL)""",
+        user_id bigint NOT NULL REFERENCES account_user (id) ON DELETE CASCADE,
+        total integer NOT NULL)""",
     "INSERT INTO shop_order (user_id, total) SELECT id, 10 FROM account_user",
     """CREATE TABLE shop_team_members (id bigserial PRIMARY KEY, team_id integer NOT NULL,
         user_id bigint NOT NULL REFERENCES account_user (id) DEFERRABLE INITIALLY DEFERRED,
@@ -73,19 +74,15 @@ class Deploy:
         self.tmp_path = tmp_path
 
     def env(self, model, **extra):
-        return subprocess_env(
-            self.url,
-            AUTH_USER_MODEL=model,
-            REPORT_DIR=self.tmp_path / "reports",
-            BACKUP_DIR=self.tmp_path / "backups",
-            **extra,
-        )
+        paths = {"REPORT_DIR": self.tmp_path / "reports", "BACKUP_DIR": self.tmp_path / "backups"}
+        return subprocess_env(self.url, AUTH_USER_MODEL=model, **{**paths, **extra})
 
-    def manage(self, model, *args, timeout=120):
+    def manage(self, model, *args, timeout=120, **env):
+        """Run `manage.py ARGS` as that deploy; `env` overrides its settings."""
         return subprocess.run(
             [sys.executable, str(ROOT / "manage.py"), *args],
             cwd=ROOT,
-            env=self.env(model),
+            env=self.env(model, **env),
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -135,6 +132,20 @@ class Deploy:
 
     def one(self, query, params=()):
         return self.sql(query, params)[0][0]
+
+    def definitions(self, *tables):
+        """{table: (constraint name, pg_get_constraintdef)} of each table's foreign key to a
+        user table (PostgreSQL)."""
+        return {
+            table: tuple(row)
+            for table in tables
+            for row in self.sql(
+                """SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint
+                   WHERE contype = 'f' AND conrelid = %s::regclass
+                   AND confrelid IN ('account_user'::regclass, 'account_newuser'::regclass)""",
+                [table],
+            )
+        }
 
     def references(self, table):
         """The user table each foreign key of `table` references (PostgreSQL)."""
@@ -383,6 +394,61 @@ def test_cutover_prints_how_long_writers_were_blocked(deploy):
     assert "(switch: final sync " in out
 
 
+@postgresql_only
+def test_cutover_keeps_each_constraints_definition_but_the_table_it_references(deploy):
+    tables = ("django_admin_log", "shop_order", "shop_team_members")
+    before = deploy.definitions(*tables)
+    assert "ON DELETE CASCADE" in before["shop_order"][1]
+    assert "DEFERRABLE INITIALLY DEFERRED" in before["shop_team_members"][1]
+    deploy.cutover()
+    after = deploy.definitions(*tables)
+    assert {t: d for t, (_, d) in after.items()} == {
+        t: d.replace("REFERENCES account_user(", "REFERENCES account_newuser(")
+        for t, (_, d) in before.items()
+    }
+
+
+@postgresql_only
+def test_cutover_and_rollback_move_a_foreign_key_in_another_schema(deploy):
+    deploy.sql("CREATE SCHEMA crm")
+    deploy.sql(
+        "CREATE TABLE crm.contact (id serial PRIMARY KEY, "
+        "user_id bigint NOT NULL REFERENCES account_user (id))"
+    )
+    deploy.sql("INSERT INTO crm.contact (user_id) SELECT id FROM account_user")
+    before = deploy.references("crm.contact")
+    out = deploy.cutover("-v", "2")
+    assert "crm.contact(user_id) now references account_newuser" in out
+    assert [(r[0], r[2]) for r in deploy.references("crm.contact")] == [("account_newuser", True)]
+    deploy.rollback()
+    assert deploy.references("crm.contact") == before
+
+
+@postgresql_only
+def test_the_legacy_link_tables_refuse_deletes_and_truncate_after_the_cutover(deploy):
+    import psycopg
+
+    deploy.cutover()
+    for statement in (
+        "DELETE FROM account_user_groups",
+        "TRUNCATE account_user_groups",
+        "TRUNCATE account_user_user_permissions",
+        "TRUNCATE account_user CASCADE",
+    ):
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction, match="is read-only"):
+            deploy.sql(statement)
+    assert deploy.one("SELECT COUNT(*) FROM account_user_groups") == 1
+
+
+def test_deleting_a_group_after_the_cutover_takes_its_legacy_links_with_it(deploy):
+    deploy.cutover()
+    deploy.python(
+        NEW,
+        "from django.contrib.auth.models import Group; Group.objects.get(name='editors').delete()",
+    )
+    assert deploy.one("SELECT COUNT(*) FROM account_user_groups") == 0
+
+
 # --- refusals -----------------------------------------------------------------------------------
 
 
@@ -399,9 +465,12 @@ def test_rollback_under_the_new_setting_names_the_setting_to_use(deploy):
     assert len((proc.stdout + proc.stderr).strip().splitlines()) == 1
 
 
-def test_cutover_with_a_bad_lock_timeout_ends_in_one_line(deploy):
-    proc = deploy.manage(NEW, "cutover", "--lock-timeout", "0")
-    assert_clean_failure(proc, "--lock-timeout must be greater than 0")
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "x"])
+def test_cutover_with_a_bad_lock_timeout_ends_in_one_line(deploy, value):
+    proc = deploy.manage(NEW, "cutover", "--lock-timeout", value)
+    assert_clean_failure(proc, "cutover: error: argument --lock-timeout:")
+    assert proc.returncode == 2
+    assert len((proc.stdout + proc.stderr).strip().splitlines()) == 1
 
 
 def test_cutover_on_a_database_never_migrated_says_to_migrate(fresh_database_url, tmp_path):
@@ -449,7 +518,27 @@ def test_cutover_lists_other_generic_references_to_legacy_users(deploy):
     )
     deploy.sql("INSERT INTO shop_comment (content_type_id, object_id) VALUES (%s, '2')", [ct])
     out = deploy.cutover("--dry-run")
-    assert "note: shop_comment has 1 rows whose content_type_id/object_id point at legacy" in out
+    assert "note: 1 rows of shop_comment(content_type_id, object_id) point at legacy users" in out
+
+
+@postgresql_only
+def test_cutover_lists_generic_references_by_object_pk(deploy):
+    """django-guardian's per-object permissions name the object's id object_pk."""
+    ct = deploy.one(
+        "SELECT id FROM django_content_type WHERE app_label = 'account' AND model = 'user'"
+    )
+    deploy.sql(
+        "CREATE TABLE shop_userobjectpermission (id serial PRIMARY KEY, "
+        "content_type_id integer NOT NULL, object_pk varchar(255) NOT NULL)"
+    )
+    deploy.sql(
+        "INSERT INTO shop_userobjectpermission (content_type_id, object_pk) VALUES (%s, '2')", [ct]
+    )
+    out = deploy.cutover("--dry-run")
+    assert (
+        "note: 1 rows of shop_userobjectpermission(content_type_id, object_pk) point at legacy"
+        in out
+    )
 
 
 @postgresql_only
@@ -463,7 +552,70 @@ def test_cutover_gives_up_in_one_line_when_the_old_app_still_writes(deploy):
     assert deploy.references("django_admin_log")[0][0] == "account_user"
 
 
+@postgresql_only
+def test_cutover_refuses_a_foreign_key_to_columns_newuser_has_no_unique_key_on(deploy):
+    deploy.sql("ALTER TABLE account_user ADD CONSTRAINT account_user_id_name UNIQUE (id, username)")
+    deploy.sql(
+        "CREATE TABLE crm_note (id serial PRIMARY KEY, user_id bigint, username varchar(150), "
+        "CONSTRAINT crm_note_author FOREIGN KEY (user_id, username) "
+        "REFERENCES account_user (id, username))"
+    )
+    proc = deploy.manage(NEW, "cutover")
+    assert_clean_failure(proc, "Cannot re-point crm_note_author on crm_note", "(id, username)")
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert deploy.references("crm_note")[0][0] == "account_user"
+
+
+@postgresql_only
+def test_a_database_error_in_the_switch_ends_in_one_line_and_changes_nothing(deploy):
+    deploy.sql(
+        "CREATE FUNCTION append_only() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN RAISE EXCEPTION 'the admin log is append-only'; END $$"
+    )
+    deploy.sql(
+        "CREATE TRIGGER append_only BEFORE UPDATE ON django_admin_log "
+        "FOR EACH STATEMENT EXECUTE FUNCTION append_only()"
+    )
+    proc = deploy.manage(NEW, "cutover")
+    assert_clean_failure(proc, "(the admin log is append-only); it was rolled back")
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert deploy.references("shop_order")[0][0] == "account_user"
+    assert not deploy.one("SELECT COUNT(*) FROM pg_trigger WHERE tgname LIKE '%%read_only%%'")
+
+
+def test_cutover_with_an_unwritable_backup_dir_ends_in_one_line(deploy):
+    (deploy.tmp_path / "a-file").write_text("")
+    proc = deploy.manage(NEW, "cutover", BACKUP_DIR=deploy.tmp_path / "a-file" / "backups")
+    assert_clean_failure(proc, "The backup failed", "Cannot write a backup into")
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not is_cut_over_in(deploy)
+
+
+@postgresql_only
+def test_the_swap_waits_for_all_its_locks_in_one_statement_before_changing_anything(deploy):
+    import psycopg
+
+    blocker = psycopg.connect(deploy.url)
+    blocker.execute("LOCK TABLE shop_team_members IN ROW EXCLUSIVE MODE")  # the last table
+    proc = deploy.popen(NEW, "cutover", "--lock-timeout", "60")
+    try:
+        _wait_for_lock_wait(deploy, SWAP_LOCK, proc, timeout=30)
+        waiting = deploy.one(
+            "SELECT query FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock'"
+        )
+        for table in ("account_user", "django_admin_log", "shop_order", "shop_team_members"):
+            assert f'"{table}"' in waiting or f" {table}" in waiting, waiting
+    finally:
+        proc.kill()
+        proc.wait()
+        blocker.close()
+
+
 # --- kill -9 ------------------------------------------------------------------------------------
+
+
+SWAP_LOCK = "LOCK TABLE %ACCESS EXCLUSIVE MODE"  # the swap's lock statement (ILIKE pattern)
 
 
 def _wait_for_lock_wait(deploy, query_start, proc, timeout=60):
@@ -502,11 +654,11 @@ def test_kill_9_in_the_switch_leaves_the_database_as_before_and_a_rerun_complete
 
     carol = legacy_user(deploy, "carol", "carol@example.com")  # for the syncs to carry
     blocker = psycopg.connect(deploy.url)
-    # An open transaction on shop_order: the switch stops at shop_order's ALTER TABLE, after
-    # the sync and the admin log's re-pointing inside the same transaction.
+    # An open transaction on shop_order: the switch stops at the swap's LOCK TABLE, after the
+    # final sync inside the same transaction.
     blocker.execute("LOCK TABLE shop_order IN ROW EXCLUSIVE MODE")
     proc = deploy.popen(NEW, "cutover", "--lock-timeout", "60")
-    _wait_for_lock_wait(deploy, 'ALTER TABLE "shop_order"', proc)
+    _wait_for_lock_wait(deploy, SWAP_LOCK, proc)
     proc.kill()
     proc.wait()
     blocker.close()
@@ -531,7 +683,7 @@ def test_kill_9_in_the_validation_leaves_the_cutover_done_and_a_rerun_validates(
     first = psycopg.connect(deploy.url)
     first.execute("LOCK TABLE shop_order IN ROW EXCLUSIVE MODE")
     proc = deploy.popen(NEW, "cutover", "--lock-timeout", "60")
-    _wait_for_lock_wait(deploy, 'ALTER TABLE "shop_order"', proc)
+    _wait_for_lock_wait(deploy, SWAP_LOCK, proc)
     # Queue a lock that lets the switch through but holds up VALIDATE on shop_order.
     second = psycopg.connect(deploy.url)
     queued = threading.Thread(
@@ -541,7 +693,7 @@ def test_kill_9_in_the_validation_leaves_the_cutover_done_and_a_rerun_validates(
     time.sleep(0.2)
     first.close()
     queued.join(timeout=30)
-    _wait_for_lock_wait(deploy, 'ALTER TABLE "shop_order" VALIDATE', proc)
+    _wait_for_lock_wait(deploy, "ALTER TABLE shop_order VALIDATE", proc)
     proc.kill()
     proc.wait()
     second.close()
@@ -553,6 +705,32 @@ def test_kill_9_in_the_validation_leaves_the_cutover_done_and_a_rerun_validates(
     # shop_order and shop_team_members (validated after it) were left; the admin log was done.
     assert "The earlier cut-over is complete now: 2 validated." in out
     assert [(r[0], r[2]) for r in deploy.references("shop_order")] == [("account_newuser", True)]
+
+
+@postgresql_only
+def test_kill_9_in_the_rollback_leaves_it_cut_over_and_a_rerun_completes(deploy):
+    import psycopg
+
+    deploy.cutover()
+    signup = int(deploy.python(NEW, WRITES_AFTER_THE_CUTOVER).split()[-1])
+    blocker = psycopg.connect(deploy.url)
+    blocker.execute("LOCK TABLE shop_order IN ROW EXCLUSIVE MODE")
+    proc = deploy.popen(OLD, "cutover_rollback", "--lock-timeout", "60")
+    _wait_for_lock_wait(deploy, SWAP_LOCK, proc)
+    proc.kill()
+    proc.wait()
+    blocker.close()
+    _wait_until_sessions_end(deploy)
+
+    assert deploy.one("SELECT COUNT(*) FROM pg_trigger WHERE tgname = 'account_user_read_only'")
+    assert deploy.references("shop_order")[0][0] == "account_newuser"
+    assert not deploy.one("SELECT COUNT(*) FROM account_user WHERE id = %s", [signup])
+    assert not deploy.one("SELECT COUNT(*) FROM account_operationlog WHERE kind = 'rollback'")
+
+    out = deploy.rollback()
+    assert "Rolled back to account.User: carried back 1 signups" in out
+    assert deploy.one("SELECT COUNT(*) FROM account_user WHERE id = %s", [signup]) == 1
+    assert [(r[0], r[2]) for r in deploy.references("shop_order")] == [("account_user", True)]
 
 
 # --- the way back -------------------------------------------------------------------------------
@@ -802,3 +980,169 @@ def test_undoing_the_copy_after_the_cutover_is_refused(deploy):
     proc = deploy.manage(NEW, "migrate", "account", "0001")
     assert_clean_failure(proc, "the cut-over is done", "make cutover-rollback")
     assert deploy.one("SELECT COUNT(*) FROM account_newuser") > 0
+
+
+# --- the way back: what the review found --------------------------------------------------------
+
+
+def _make_phone_too_long(deploy, username):
+    """A NewUser value the legacy schema cannot hold (its phone column has 15 characters)."""
+    deploy.sql(
+        "UPDATE account_newuser SET phone_number = %s WHERE username = %s",
+        ["+4930123456789012", username],
+    )
+
+
+def _new_signup(deploy, username):
+    return int(
+        deploy.python(
+            NEW,
+            "from account.models import NewUser\n"
+            f"print(NewUser.objects.create_user('{username}', '{username}.new@example.com', 'x').pk)",
+        ).split()[-1]
+    )
+
+
+def test_after_a_rollback_with_skip_invalid_the_sync_reports_the_user_left_out(deploy):
+    bob = deploy.user_id("bob")
+    deploy.cutover()
+    _make_phone_too_long(deploy, "bob")
+    deploy.rollback("--skip-invalid")
+    proc = deploy.manage(OLD, "copy_users")
+    assert_clean_failure(proc, "conflict: 1")
+    report = max((deploy.tmp_path / "reports").glob("user-copy-*.csv"))
+    assert f"{bob},bob,conflict," in report.read_text()
+
+
+def test_after_a_rollback_a_new_legacy_user_never_takes_the_id_of_a_user_left_out(deploy):
+    deploy.cutover()
+    left_out = _new_signup(deploy, "zed")
+    _make_phone_too_long(deploy, "zed")
+    deploy.rollback("--skip-invalid")
+    new = int(
+        deploy.python(
+            OLD, "from account.models import User; print(User.objects.create_user('eve').pk)"
+        ).split()[-1]
+    )
+    assert new > left_out
+    assert not deploy.one("SELECT COUNT(*) FROM account_newuser WHERE id = %s", [new])
+
+
+def test_the_rollback_never_hands_out_the_id_of_a_deleted_user_again(deploy):
+    deploy.cutover()
+    last = deploy.one("SELECT MAX(id) FROM account_newuser")
+    deploy.python(
+        NEW,
+        "from django.db import connection\n"
+        "from account.models import NewUser\n"
+        "with connection.cursor() as cursor:\n"
+        "    if 'shop_team_members' in connection.introspection.table_names():\n"
+        f"        cursor.execute('DELETE FROM shop_team_members WHERE user_id = {last}')\n"
+        f"NewUser.objects.filter(pk={last}).delete()",
+    )
+    deploy.rollback()
+    new = int(
+        deploy.python(
+            OLD, "from account.models import User; print(User.objects.create_user('eve').pk)"
+        ).split()[-1]
+    )
+    assert new > last
+
+
+def test_rollback_refuses_when_newuser_is_empty(deploy):
+    deploy.cutover()
+    if ON_POSTGRESQL:
+        deploy.sql("TRUNCATE account_newuser CASCADE")
+    else:
+        deploy.sql("DELETE FROM account_newuser")
+    proc = deploy.manage(OLD, "cutover_rollback", "--allow-mass-delete")
+    assert_clean_failure(proc, "account_newuser is empty", "Nothing was changed.")
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert deploy.one("SELECT COUNT(*) FROM account_user") == 23
+    assert is_cut_over_in(deploy)
+
+
+DELETE_ELEVEN_NEW_USERS = """
+from django.db import connection
+from account.models import NewUser
+gone = NewUser.objects.filter(username__regex=r"^user1[0-9]?$")
+with connection.cursor() as cursor:
+    if "shop_team_members" in connection.introspection.table_names():
+        ids = ",".join(str(pk) for pk in gone.values_list("pk", flat=True))
+        cursor.execute(f"DELETE FROM shop_team_members WHERE user_id IN ({ids})")
+print(gone.delete())
+"""
+
+
+def test_rollback_refuses_to_delete_many_legacy_users_without_allow_mass_delete(deploy):
+    deploy.cutover()
+    deploy.python(NEW, DELETE_ELEVEN_NEW_USERS)
+    proc = deploy.manage(OLD, "cutover_rollback")
+    assert_clean_failure(proc, "would delete 11 of 23 legacy users", "--allow-mass-delete")
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert deploy.one("SELECT COUNT(*) FROM account_user") == 23
+
+
+def test_rollback_with_allow_mass_delete_deletes_them(deploy):
+    deploy.cutover()
+    deploy.python(NEW, DELETE_ELEVEN_NEW_USERS)
+    out = deploy.rollback("--allow-mass-delete")
+    assert "deleted 11" in out
+    assert deploy.one("SELECT COUNT(*) FROM account_user") == 12
+
+
+def test_rollback_carries_a_rename_and_a_signup_reusing_the_freed_username(deploy):
+    alice = deploy.user_id("alice")
+    deploy.cutover()
+    deploy.python(NEW, "from account.models import NewUser; "
+                       "NewUser.objects.filter(username='alice').update(username='alice_old')")  # fmt: skip
+    signup = _new_signup(deploy, "alice")
+    deploy.rollback()
+    assert deploy.user_id("alice_old") == alice
+    assert deploy.user_id("alice") == signup
+
+
+def test_rollback_carries_two_users_swapping_usernames(deploy):
+    alice, bob = deploy.user_id("alice"), deploy.user_id("bob")
+    deploy.cutover()
+    deploy.python(
+        NEW,
+        "from account.models import NewUser as U\n"
+        "U.objects.filter(username='alice').update(username='tmp')\n"
+        "U.objects.filter(username='bob').update(username='alice')\n"
+        "U.objects.filter(username='tmp').update(username='bob')",
+    )
+    deploy.rollback()
+    assert (deploy.user_id("bob"), deploy.user_id("alice")) == (alice, bob)
+
+
+def test_rollback_dry_run_refuses_a_username_the_legacy_table_would_hold_twice(deploy):
+    """bob renames himself and is left out (phone too long): he keeps 'bob' in the legacy
+    table, so the signup who took 'bob' on the new side cannot be carried back."""
+    deploy.cutover()
+    deploy.sql("UPDATE account_newuser SET username = 'bob_old' WHERE username = 'bob'")
+    _make_phone_too_long(deploy, "bob_old")
+    _new_signup(deploy, "bob")
+    proc = deploy.manage(OLD, "cutover_rollback", "--dry-run")
+    assert_clean_failure(
+        proc, "2 new users cannot be carried back", "phone_number_too_long: 1, username_taken: 1"
+    )
+
+
+def test_rollback_with_an_unwritable_report_dir_ends_in_one_line(deploy):
+    deploy.cutover()
+    _make_phone_too_long(deploy, "bob")
+    (deploy.tmp_path / "a-file").write_text("")
+    proc = deploy.manage(OLD, "cutover_rollback", REPORT_DIR=deploy.tmp_path / "a-file" / "r")
+    assert_clean_failure(proc, "Cannot write the rollback's report in", "set REPORT_DIR")
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert is_cut_over_in(deploy)
+
+
+@postgresql_only
+def test_rollback_restores_each_constraint_exactly(deploy):
+    tables = ("django_admin_log", "shop_order", "shop_team_members")
+    before = deploy.definitions(*tables)
+    deploy.cutover()
+    deploy.rollback()
+    assert deploy.definitions(*tables) == before

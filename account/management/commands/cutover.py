@@ -1,18 +1,32 @@
 """Deploy 2's cut-over: move every reference from the legacy user table to NewUser."""
 
+import math
+from argparse import ArgumentTypeError
+
 from django.conf import settings
-from django.core.management.base import BaseCommand, CommandError
 
 from account.cutover import cutover, last_cutover
+from account.management.base import OneLineErrorCommand
 
 
-class Command(BaseCommand):
+def seconds(value: str) -> float:
+    """argparse type: a finite number of seconds greater than 0."""
+    try:
+        s = float(value)
+    except ValueError:
+        raise ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+    if not (math.isfinite(s) and s > 0):
+        raise ArgumentTypeError(f"expected a number of seconds greater than 0, got {value}")
+    return s
+
+
+class Command(OneLineErrorCommand):
     help = (
         "Switch the database to AUTH_USER_MODEL=account.NewUser (run it with that setting, the "
         "old app stopped): check, sync the legacy changes, back up, then in one transaction "
         "with legacy writers blocked: final sync, re-point every foreign key to the legacy user "
         "table (found in the database catalog) to NewUser, move admin log entries, make the "
-        "legacy table read-only; then validate the new constraints. Refuses, changing nothing, "
+        "legacy tables read-only; then validate the new constraints. Refuses, changing nothing, "
         "when a row references a legacy user who is not in NewUser or when the sync has "
         "conflicts. Run again, it changes nothing. Undo with `cutover_rollback`."
     )
@@ -34,23 +48,28 @@ class Command(BaseCommand):
         )
         parser.add_argument(
             "--lock-timeout",
-            type=float,
+            type=seconds,
             default=5.0,
-            help="Seconds to wait for each table lock before giving up with nothing changed "
-            "(PostgreSQL; default: 5).",
+            help="Seconds to wait for the table locks before giving up with nothing changed; "
+            "each lock statement waits at most this long in all (PostgreSQL; default: 5).",
         )
 
-    def handle(self, *args, dry_run, skip_invalid, lock_timeout, verbosity, **options):
-        if lock_timeout <= 0:
-            raise CommandError("--lock-timeout must be greater than 0")
+    def run_options(self, options) -> dict:
+        """Options of this command only, passed on to `run`."""
+        return {}
 
+    def handle(self, *args, dry_run, skip_invalid, lock_timeout, verbosity, **options):
         def say(text, level=1):
             if verbosity >= level:
                 self.stdout.write(text)
                 self.stdout.flush()  # a line per step, also in logs and pipes
 
         outcome = self.run(
-            dry_run=dry_run, skip_invalid=skip_invalid, lock_timeout=lock_timeout, say=say
+            dry_run=dry_run,
+            skip_invalid=skip_invalid,
+            lock_timeout=lock_timeout,
+            say=say,
+            **self.run_options(options),
         )
         if verbosity >= 1:
             self.stdout.write(self.style.SUCCESS(self.final_line(outcome, dry_run)))
@@ -73,7 +92,8 @@ class Command(BaseCommand):
         self.stdout.write(f"Timings: {steps}{f' (switch: {parts})' if parts else ''}.")
         self.stdout.write(
             f"Writers were blocked for {outcome.blocked_seconds:.1f} s (the switch: final sync "
-            "and constraint swap); the validation ran afterwards without blocking them."
+            "and constraint swap; readers too during the swap); the validation ran afterwards "
+            "without blocking them."
         )
         return self.done_line(outcome)
 

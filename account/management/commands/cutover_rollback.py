@@ -13,7 +13,9 @@ class Command(CutoverCommand):
         "passwords, emails, flags, groups and permissions, deleted users), re-point the foreign "
         "keys the cut-over moved back to the legacy table, move admin log entries back, make the "
         "legacy table writable; then validate. Values the legacy schema cannot hold are "
-        "reported and refused (or left out with --skip-invalid). Run again, it changes nothing."
+        "reported and refused (or left out with --skip-invalid). Refuses when NewUser is empty "
+        "or when it would delete more than 1% of the legacy users (at least 10, at most 1000) "
+        "unless --allow-mass-delete. Run again, it changes nothing."
     )
     run = staticmethod(rollback)
     noun = "rollback"
@@ -22,6 +24,19 @@ class Command(CutoverCommand):
         "Leave new users the legacy schema cannot hold out of the legacy table (reported) "
         "instead of refusing; a row referencing one still stops the rollback."
     )
+
+    def add_arguments(self, parser):
+        super().add_arguments(parser)
+        parser.add_argument(
+            "--allow-mass-delete",
+            action="store_true",
+            help="Delete the legacy users whose NewUser rows are gone even when they are more "
+            "than 1%% of the legacy users (at least 10, at most 1000); without it the rollback "
+            "refuses, as so many usually means NewUser lost rows.",
+        )
+
+    def run_options(self, options) -> dict:
+        return {"allow_mass_delete": options["allow_mass_delete"]}
 
     def nothing_line(self, when) -> str:
         return (
