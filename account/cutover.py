@@ -137,25 +137,13 @@ def last_cutover(alias: str = "default"):
     return OperationLog.objects.using(alias).filter(kind__in=kinds, ok=True).first()
 
 
-# A digest no row has: the ledger's mark for "this side is not what the last sync saw".
-NO_DIGEST = "00000000-0000-0000-0000-000000000000"
-
-
 def _rebase_sync_ledger(models, alias, exclude=()):
     """After the rollback the two sides are equal, except for the users it left out
-    (`exclude`): tell the sync's ledger so; the next sync reports those as conflicts.
-
-    `mark_in_sync` marks their new side as changed; the sync reports a conflict only when
-    the legacy side changed too, so their legacy side is marked as well: else the sync would
-    keep the values the legacy table could not take, and a second cut-over would bring them
-    back. (Left-out signups have no legacy row and stay signups: the sync never touches them.)
+    (`exclude`): tell the sync's ledger so; the next sync reports those as conflicts, so a
+    second cut-over cannot bring back values the legacy table could not take. (Left-out
+    signups have no legacy row and stay signups: the sync never touches them.)
     """
     usercopy.mark_in_sync(models, alias=alias, exclude=exclude)
-    ids = sorted(exclude)
-    for i in range(0, len(ids), 900):
-        models.state.objects.using(alias).filter(pk__in=ids[i : i + 900]).update(
-            legacy_digest=NO_DIGEST
-        )
 
 
 # --- the catalog: foreign keys to a user table --------------------------------------------------

@@ -83,6 +83,7 @@ LOCK_KEY = 727_001  # pg advisory lock id of the user sync
 REPORT_FIELDS = ("legacy_id", "username", "reason", "detail")
 PLAN = "sync_plan"  # the temporary table of what one sync has to do
 SMALL = 900  # ids per IN (...) list: below SQLite's 999 parameters
+NO_DIGEST = "00000000-0000-0000-0000-000000000000"  # matches no row: "changed since"
 
 
 class CopyError(CommandError):
@@ -961,9 +962,9 @@ def referencing_columns(table, alias) -> list[tuple[str, str]]:
 def mark_in_sync(models: CopyModels, *, alias: str = "default", exclude=()) -> int:
     """Record both sides as synced as they are now (after a rollback made them equal).
 
-    Users in `exclude` (a rollback left them out: their two sides differ) are recorded with a
-    new-side digest that matches nothing, so the next sync reports them as conflicts instead
-    of taking the two sides for equal.
+    Users in `exclude` (a rollback left them out: their two sides differ) are recorded with
+    digests that match nothing on either side, so the next sync reports them as conflicts
+    (both sides changed) instead of taking the two sides for equal.
     """
     sync = Sync(models, alias, False, False, 0, None, None)
     m = models
@@ -981,7 +982,7 @@ def mark_in_sync(models: CopyModels, *, alias: str = "default", exclude=()) -> i
         )
         for chunk in _chunks(sorted(exclude), SMALL):
             m.state.objects.using(alias).filter(pk__in=chunk).update(
-                new_digest="00000000-0000-0000-0000-000000000000"
+                legacy_digest=NO_DIGEST, new_digest=NO_DIGEST
             )
         return m.state.objects.using(alias).count()
 
