@@ -76,19 +76,8 @@ MODELS = usercopy.CopyModels(
     legacy=User, new=NewUser, profile=Profile, state=SyncState, log=OperationLog
 )
 SETTING = {User: "account.User", NewUser: "account.NewUser"}
-# The user columns the rollback compares and carries back (NewUser and User share them).
-COLUMNS = (
-    "password",
-    "last_login",
-    "is_superuser",
-    "username",
-    "email",
-    "full_name",
-    "date_of_birth",
-    "phone_number",
-    "is_active",
-    "is_staff",
-)
+# The user columns the rollback compares and carries back: the ones the sync copies, but the id.
+COLUMNS = tuple(f for f in usercopy.FIELDS if f != "id")
 # The legacy columns with a unique key: the rollback moves their values out of the way first.
 UNIQUE_COLUMNS = tuple(c for c in COLUMNS if User._meta.get_field(c).unique)
 ADMIN_LOG = "django_admin_log"
@@ -708,6 +697,16 @@ class _Run:
                 ) from exc
             self.outcome.validated.append(fk.name)
 
+    def finish_earlier_run(self) -> Outcome:
+        """Done before: finish a validation a killed or timed-out run left, else nothing."""
+        self.outcome.nothing_to_do = True
+        pending = _not_valid_foreign_keys_to(self.target, self.alias)
+        if pending and not self.dry_run:
+            with self.step("validate", f"{len(pending)} constraints left by an earlier run"):
+                self.validate()
+            self.outcome.nothing_to_do = False
+        return self.outcome
+
     def take_backup(self):
         try:
             outcome = backup(directory=settings.BACKUP_DIR)
@@ -785,16 +784,6 @@ class Cutover(_Run):
         self.outcome.blocked_seconds = time.perf_counter() - blocked
         with self.step("validate", "scan each new constraint (writers not blocked)"):
             self.validate()
-        return self.outcome
-
-    def finish_earlier_run(self) -> Outcome:
-        """Done before: finish a validation a killed or timed-out run left, else nothing."""
-        self.outcome.nothing_to_do = True
-        pending = _not_valid_foreign_keys_to(NewUser, self.alias)
-        if pending and not self.dry_run:
-            with self.step("validate", f"{len(pending)} constraints left by an earlier run"):
-                self.validate()
-            self.outcome.nothing_to_do = False
         return self.outcome
 
     def check(self) -> list[ForeignKey]:
@@ -1010,15 +999,6 @@ class Rollback(_Run):
         self.refuse_unmovable(fks)
         return fks
 
-    def finish_earlier_run(self) -> Outcome:
-        self.outcome.nothing_to_do = True
-        pending = _not_valid_foreign_keys_to(User, self.alias)
-        if pending and not self.dry_run:
-            with self.step("validate", f"{len(pending)} constraints left by an earlier run"):
-                self.validate()
-            self.outcome.nothing_to_do = False
-        return self.outcome
-
     def plan(self) -> CarryBack:
         """Compare every NewUser row with its legacy row; decide what goes back.
 
@@ -1131,10 +1111,8 @@ class Rollback(_Run):
         """value -> ids of the legacy rows holding it now."""
         found: dict = {}
         users = User.objects.using(self.alias)
-        for i in range(0, len(values), 900):  # below SQLite's 999 parameters
-            for value, pk in users.filter(**{f"{column}__in": values[i : i + 900]}).values_list(
-                column, "pk"
-            ):
+        for chunk in usercopy.chunks(values):
+            for value, pk in users.filter(**{f"{column}__in": chunk}).values_list(column, "pk"):
                 found.setdefault(value, []).append(pk)
         return found
 
@@ -1211,11 +1189,9 @@ class Rollback(_Run):
 
     def existing_legacy_ids(self, ids) -> set[int]:
         found = set()
-        for i in range(0, len(ids), 900):
+        for chunk in usercopy.chunks(ids):
             found.update(
-                User.objects.using(self.alias)
-                .filter(pk__in=ids[i : i + 900])
-                .values_list("pk", flat=True)
+                User.objects.using(self.alias).filter(pk__in=chunk).values_list("pk", flat=True)
             )
         return found
 
@@ -1274,14 +1250,12 @@ class Rollback(_Run):
         table = qn(User._meta.db_table)
         cols = ", ".join(qn(c) for c in COLUMNS)
         with self.connection.cursor() as cursor:
-            for i in range(0, len(plan.deletes), 900):
-                batch = plan.deletes[i : i + 900]
+            for batch in usercopy.chunks(plan.deletes):
                 cursor.execute(
                     f"DELETE FROM {table} WHERE id IN ({', '.join(['%s'] * len(batch))})", batch
                 )
             for column, ids in plan.moved_values.items():
-                for i in range(0, len(ids), 900):
-                    batch = ids[i : i + 900]
+                for batch in usercopy.chunks(ids):
                     cursor.execute(
                         f"UPDATE {table} SET {qn(column)} = '~' || CAST(id AS TEXT) "
                         f"WHERE id IN ({', '.join(['%s'] * len(batch))})",

@@ -604,6 +604,11 @@ class Sync:
         for change in (email_change, phone_change):
             if change:
                 self.result.normalised[change] += 1
+        return self.new_values(row, email, phone)
+
+    @staticmethod
+    def new_values(row, email, phone) -> tuple:
+        """A legacy row's values in FIELDS order, with its normalised email and phone."""
         return (
             row.id, row.password, row.last_login, row.is_superuser, row.username, email,
             row.full_name, row.date_of_birth, phone, row.is_active, row.is_staff,
@@ -636,7 +641,8 @@ class Sync:
                             "changed in the legacy table, deleted on the new side")  # fmt: skip
                 continue
             try:
-                values = dict(zip(FIELDS, self.normalise_quietly(row), strict=True))
+                email, phone = normalize_email(row.email)[0], normalize_phone(row.phone_number)[0]
+                values = dict(zip(FIELDS, self.new_values(row, email, phone), strict=True))
             except Rejected:
                 values = row._asdict()
             fields = [n for n in FIELDS if values[n] != getattr(other, n)]
@@ -649,21 +655,12 @@ class Sync:
                         + (", ".join(fields) or "none, but the legacy row cannot be synced"))  # fmt: skip
         return resolved
 
-    @staticmethod
-    def normalise_quietly(row) -> tuple:
-        email = normalize_email(row.email)[0]
-        phone = normalize_phone(row.phone_number)[0]
-        return (
-            row.id, row.password, row.last_login, row.is_superuser, row.username, email,
-            row.full_name, row.date_of_birth, phone, row.is_active, row.is_staff,
-        )  # fmt: skip
-
     def link_sets(self, model, ids) -> dict[str, dict[int, set]]:
         out = {}
         for name in LINKS:
             through, user_col, other_col = self.links(model, name)
             sets: dict[int, set] = {}
-            for chunk in _chunks(ids, SMALL):
+            for chunk in chunks(ids, SMALL):
                 for user_id, other in (
                     through.objects.using(self.alias)
                     .filter(**{f"{user_col}__in": chunk})
@@ -686,7 +683,7 @@ class Sync:
                 if dense
                 else (
                     pair
-                    for chunk in _chunks(sorted(ids), SMALL)
+                    for chunk in chunks(sorted(ids), SMALL)
                     for pair in source.filter(**{f"{src_user}__in": chunk})
                 )
             )
@@ -701,7 +698,7 @@ class Sync:
     def delete_links(self, ids):
         for name in LINKS:
             through, user_col, _ = self.links(self.models.new, name)
-            for chunk in _chunks(ids, SMALL):
+            for chunk in chunks(ids, SMALL):
                 through.objects.using(self.alias).filter(**{f"{user_col}__in": chunk}).delete()
 
     def delete_removed(self, removed):
@@ -710,7 +707,7 @@ class Sync:
         to_delete = [pk for pk, action in removed if action == "delete"]
         forget = [pk for pk, action in removed if action == "forget"]
         usernames = {}
-        for chunk in _chunks([pk for pk, action in removed if action != "forget"], SMALL):
+        for chunk in chunks([pk for pk, action in removed if action != "forget"], SMALL):
             usernames.update(
                 m.new.objects.using(self.alias).filter(pk__in=chunk).values_list("pk", "username")
             )
@@ -729,7 +726,7 @@ class Sync:
             return
         self.deleted_ids = to_delete
         self.delete_links(to_delete)
-        for chunk in _chunks(to_delete + forget, SMALL):
+        for chunk in chunks(to_delete + forget, SMALL):
             m.profile.objects.using(self.alias).filter(user_id__in=chunk).delete()
             m.state.objects.using(self.alias).filter(pk__in=chunk).delete()
             # Raw: the catalog showed nothing else points at them (the ORM's collector would
@@ -748,7 +745,7 @@ class Sync:
         for table, column in referencing_columns(m.new._meta.db_table, self.alias):
             if table in own:
                 continue
-            for chunk in _chunks(ids, SMALL):
+            for chunk in chunks(ids, SMALL):
                 marks = ", ".join(["%s"] * len(chunk))
                 for (pk,) in self.sql(
                     f"SELECT DISTINCT {self.qn(column)} FROM {self.qn(table)} "
@@ -757,7 +754,7 @@ class Sync:
                 ):
                     found.setdefault(pk, []).append(table)
         profiles = m.profile.objects.using(self.alias).exclude(bio="", avatar="")
-        for chunk in _chunks(ids, SMALL):
+        for chunk in chunks(ids, SMALL):
             for pk in profiles.filter(user_id__in=chunk).values_list("user_id", flat=True):
                 found.setdefault(pk, []).append(f"{m.profile._meta.db_table} (filled in)")
         return found
@@ -852,7 +849,7 @@ class Sync:
             if missing or extra:
                 problems.append(f"{name} differ for new users {sorted(set(missing + extra))[:5]}")
         problems += self.verify_emails_and_phones()
-        for chunk in _chunks(self.deleted_ids, SMALL):
+        for chunk in chunks(self.deleted_ids, SMALL):
             if left := list(m.new.objects.using(self.alias).filter(pk__in=chunk)[:5]):
                 problems.append(f"deleted users still on the new side: {[u.pk for u in left]}")
                 break
@@ -939,7 +936,8 @@ def link_table(model, name):
     return m2m.remote_field.through, m2m.m2m_column_name(), m2m.m2m_reverse_name()
 
 
-def _chunks(items, size):
+def chunks(items, size=SMALL):
+    """Lists of at most `size` items: for IN (...) lists below SQLite's 999 parameters."""
     items = iter(items)
     while chunk := list(islice(items, size)):
         yield chunk
@@ -980,7 +978,7 @@ def mark_in_sync(models: CopyModels, *, alias: str = "default", exclude=()) -> i
             {legacy_joins} {new_joins}""",
             [sync.at],
         )
-        for chunk in _chunks(sorted(exclude), SMALL):
+        for chunk in chunks(sorted(exclude), SMALL):
             m.state.objects.using(alias).filter(pk__in=chunk).update(
                 legacy_digest=NO_DIGEST, new_digest=NO_DIGEST
             )

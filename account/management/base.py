@@ -28,8 +28,13 @@ class OneLineErrorCommand(BaseCommand):
         """The name it is run by (Django finds commands by module name)."""
         return type(self).__module__.rpartition(".")[2]
 
+    # A script under scripts/ that runs this command: its usage line names the script.
+    script: str | None = None
+
     def create_parser(self, prog_name, subcommand, **kwargs):
         parser = super().create_parser(prog_name, subcommand, **kwargs)
+        if self.script and prog_name == self.script:
+            parser.prog = self.script
         parser.error = partial(self._argument_error, parser)
         return parser
 

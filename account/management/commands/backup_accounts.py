@@ -8,22 +8,15 @@ from account.backup import BackupError, Progress, backup
 from account.management.base import OneLineErrorCommand
 from account.models import OperationLog
 
-SCRIPT = "scripts/backup.py"
-
 
 class Command(OneLineErrorCommand):
+    script = "scripts/backup.py"
     help = (
         "Write the legacy users, new users, profiles, addresses, activities, notifications, "
         "the admin log, groups and their links to a new JSON Lines backup (gzip by default) "
         "with a manifest and a SHA-256 checksum; permissions, content types and groups by "
         "natural key. Never overwrites; file mode 0600 (it holds password hashes)."
     )
-
-    def create_parser(self, prog_name, subcommand, **kwargs):
-        parser = super().create_parser(prog_name, subcommand, **kwargs)
-        if prog_name == SCRIPT:  # run by scripts/backup.py: its usage line names the script
-            parser.prog = SCRIPT
-        return parser
 
     def add_arguments(self, parser):
         parser.add_argument(

@@ -8,10 +8,9 @@ from account.backup import BackupError, Progress, plan_restore, restore
 from account.management.base import OneLineErrorCommand
 from account.models import OperationLog
 
-SCRIPT = "scripts/restore.py"
-
 
 class Command(OneLineErrorCommand):
+    script = "scripts/restore.py"
     help = (
         "Check a backup's manifest and checksum and this database, then restore every table "
         "it holds in one transaction and reset the id sequences. Permissions, content types "
@@ -20,12 +19,6 @@ class Command(OneLineErrorCommand):
         "--replace, other tables pointing at the rows it would delete, and a database role "
         "without the rights a restore needs."
     )
-
-    def create_parser(self, prog_name, subcommand, **kwargs):
-        parser = super().create_parser(prog_name, subcommand, **kwargs)
-        if prog_name == SCRIPT:  # run by scripts/restore.py: its usage line names the script
-            parser.prog = SCRIPT
-        return parser
 
     def add_arguments(self, parser):
         parser.add_argument("file", help="The backup file (.jsonl or .jsonl.gz).")
