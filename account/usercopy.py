@@ -37,7 +37,7 @@ import csv
 import os
 import sys
 import time
-from collections import Counter
+from collections import Counter, namedtuple
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -47,10 +47,9 @@ from pathlib import Path
 from django.core.management.base import CommandError
 from django.db import DatabaseError, connections, transaction
 from django.db.models import Max
-from django.db.models.expressions import RawSQL
 from django.utils import timezone
 
-from .dbutil import analyze, indexes_built_after, insert_rows, reset_sequences, update_rows
+from .dbutil import analyze, indexes_built_after, reset_sequences
 from .normalize import (
     Rejected,
     check_password_hash,
@@ -75,13 +74,17 @@ FIELDS = (
     "is_active",
     "is_staff",
 )
-INSERT_FIELDS = (*FIELDS, "joined_at", "updated_at")
-UPDATE_FIELDS = (*FIELDS, "updated_at")
+# Python reads these to check them (username, password) or normalise them (email, phone);
+# every other field is copied in SQL, as it is, from the legacy row.
+CHECKED = ("id", "username", "password", "email", "phone_number")
+COPIED = tuple(name for name in FIELDS if name not in {"id", "email", "phone_number"})
+Checked = namedtuple("Checked", CHECKED)
 LINKS = ("groups", "user_permissions")
 PROFILE_WRITE = ("user_id", "bio", "avatar", "updated_at")
 LOCK_KEY = 727_001  # pg advisory lock id of the user sync
 REPORT_FIELDS = ("legacy_id", "username", "reason", "detail")
 PLAN = "sync_plan"  # the temporary table of what one sync has to do
+VALUES = "sync_values"  # the temporary table of the accepted rows' new email and phone
 SMALL = 900  # ids per IN (...) list: below SQLite's 999 parameters
 NO_DIGEST = "00000000-0000-0000-0000-000000000000"  # matches no row: "changed since"
 
@@ -386,6 +389,7 @@ class Sync:
         self.result.legacy_total = legacy.count()
         self.max_legacy_id = legacy.aggregate(m=Max("pk"))["m"] or 0
         self.sql(f"DROP TABLE IF EXISTS {PLAN}")
+        self.sql(f"DROP TABLE IF EXISTS {VALUES}")
         try:
             planned = self.plan()
             removed = self.removed_users()
@@ -397,9 +401,10 @@ class Sync:
             first_load = not self.dry_run and not self.state_or_new_exist()
             tables = [self.models.new, self.models.profile]
             with indexes_built_after(tables, self.alias) if first_load else nullcontext():
-                self.write_batches()
+                self.check_rows()
                 self.delete_removed(removed)
                 if self.writing:
+                    self.write_rows()
                     self.create_profiles()
             if self.dry_run:
                 return
@@ -419,6 +424,7 @@ class Sync:
             # After a database error the transaction is aborted: its rollback drops the table.
             if not isinstance(sys.exc_info()[1], DatabaseError):
                 self.sql(f"DROP TABLE IF EXISTS {PLAN}")
+                self.sql(f"DROP TABLE IF EXISTS {VALUES}")
             self.result.seconds = time.perf_counter() - self.started
 
     def utc(self):
@@ -546,50 +552,102 @@ class Sync:
                 pk, ("username_taken", f"username already used by new user {other}")
             )
 
-    def write_batches(self):
-        """Stream the planned rows in id order; normalise, then insert or update each batch."""
-        legacy = self.models.legacy.objects.using(self.alias)
-        last_id = 0
-        while batch := self.sql(
-            f"SELECT id, action FROM {PLAN} WHERE id > %s ORDER BY id LIMIT %s",
-            [last_id, self.batch_size],
-        ):
-            actions = dict(batch)
-            last_id = batch[-1][0]
-            in_batch = RawSQL(
-                f"SELECT id FROM {PLAN} WHERE id >= %s AND id <= %s", [batch[0][0], last_id]
+    def check_rows(self):
+        """Stream the planned rows in id order and check what Python owns: the username and
+        password hash are checked, the email and phone normalised. The accepted rows' email
+        and phone go to VALUES; `write_rows` copies every other field in SQL."""
+        m = self.models
+        self.sql(
+            f"CREATE TEMP TABLE {VALUES} (id bigint, action varchar(10), email varchar(254), "
+            "phone_number varchar(128))" + (" ON COMMIT DROP" if self.postgresql else "")
+        )
+        read = ", ".join(f"l.{self.column(m.legacy, name)}" for name in CHECKED)
+        # One server-side cursor on PostgreSQL: memory stays flat, the tables are read once.
+        with self.connection.chunked_cursor() as cursor:
+            cursor.execute(
+                f"SELECT p.action, {read} FROM {PLAN} p "
+                f"JOIN {self.table(m.legacy)} l ON l.id = p.id ORDER BY p.id"
             )
-            rows = legacy.filter(pk__in=in_batch).order_by("pk").values_list(*FIELDS, named=True)
-            inserts, updates, conflicts = [], [], []
-            for row in rows:
-                action = actions[row.id]
-                if action == "conflict" or action == "gone":
-                    conflicts.append(row)
-                    continue
-                if action == "id_taken":
-                    self.reject(row.id, row.username, "id_taken",
-                                f"id {row.id} already belongs to a new user the copy did not make")  # fmt: skip
-                    continue
-                values = self.normalise(row)
-                if values is not None:
-                    (inserts if action == "insert" else updates).append(values)
-            updates += self.report_conflicts(conflicts)
-            self.result.copied += len(inserts)
-            self.result.updated += len(updates)
-            if self.writing:
-                if inserts:
-                    insert_rows(self.models.new, INSERT_FIELDS,
-                                [(*v, self.stamp, self.stamp) for v in inserts], self.alias)  # fmt: skip
-                if updates:
-                    update_rows(self.models.new, UPDATE_FIELDS,
-                                [(*v, self.stamp) for v in updates], self.alias)  # fmt: skip
-                    self.delete_links([v[0] for v in updates])
-                if inserts or updates:
-                    self.copy_links({v[0] for v in inserts} | {v[0] for v in updates})
-            self.on_progress(len(batch))
+            while batch := cursor.fetchmany(self.batch_size):
+                self.check_batch(batch)
 
-    def normalise(self, row) -> tuple | None:
-        """The new-schema values of a legacy row, in FIELDS order; None (reported) if rejected."""
+    def check_batch(self, batch):
+        """Check one batch of (action, *CHECKED) rows; add the accepted ones to VALUES."""
+        accepted, conflicts = [], []
+        for action, *values in batch:
+            row = Checked(*values)
+            if action == "conflict" or action == "gone":
+                conflicts.append(row.id)
+            elif action == "id_taken":
+                self.reject(row.id, row.username, "id_taken",
+                            f"id {row.id} already belongs to a new user the copy did not make")  # fmt: skip
+            elif (new := self.normalise(row)) is not None:
+                accepted.append((row.id, action, *new))
+        accepted += [(pk, "update", *new) for pk, new in self.report_conflicts(conflicts)]
+        inserted = sum(1 for row in accepted if row[1] == "insert")
+        self.result.copied += inserted
+        self.result.updated += len(accepted) - inserted
+        if self.writing and accepted:
+            self.load_values(accepted)
+        self.on_progress(len(batch))
+
+    def load_values(self, rows):
+        """Add (id, action, email, phone) rows to VALUES: COPY on PostgreSQL."""
+        columns = "id, action, email, phone_number"
+        if self.postgresql:
+            sql = f"COPY {VALUES} ({columns}) FROM STDIN"
+            with self.connection.cursor() as cursor, cursor.cursor.copy(sql) as copy:
+                for row in rows:
+                    copy.write_row(row)
+            return
+        with self.connection.cursor() as cursor:
+            cursor.executemany(f"INSERT INTO {VALUES} ({columns}) VALUES (%s, %s, %s, %s)", rows)
+
+    def write_rows(self):
+        """Write every accepted row in SQL: its email and phone from VALUES, every other field
+        exactly as the legacy row holds it; then replace the links of the users written."""
+        m, qn = self.models, self.qn
+        new_t, legacy_t = self.table(m.new), self.table(m.legacy)
+        email, phone = self.column(m.new, "email"), self.column(m.new, "phone_number")
+        copied = [(self.column(m.new, name), self.column(m.legacy, name)) for name in COPIED]
+        joined, updated = self.column(m.new, "joined_at"), self.column(m.new, "updated_at")
+        source = f"FROM {VALUES} v JOIN {legacy_t} l ON l.id = v.id"
+        self.sql(
+            f"INSERT INTO {new_t} (id, {', '.join(n for n, _ in copied)}, {email}, {phone}, "
+            f"{joined}, {updated}) "
+            f"SELECT v.id, {', '.join(f'l.{o}' for _, o in copied)}, v.email, v.phone_number, "
+            f"%s, %s {source} WHERE v.action = 'insert'",
+            [self.at, self.at],
+        )
+        if self.result.updated:
+            sets = ", ".join(f"{n} = l.{o}" for n, o in copied)
+            self.sql(
+                f"UPDATE {new_t} AS n SET {sets}, {email} = v.email, {phone} = v.phone_number, "
+                f"{updated} = %s {source} WHERE n.id = v.id AND v.action = 'update'",
+                [self.at],
+            )
+        for name in LINKS:
+            src, src_user, src_other = self.links(m.legacy, name)
+            dst, dst_user, dst_other = self.links(m.new, name)
+            if self.result.updated:
+                self.sql(
+                    f"DELETE FROM {self.table(dst)} WHERE {qn(dst_user)} IN "
+                    f"(SELECT id FROM {VALUES} WHERE action = 'update')"
+                )
+            with self.connection.cursor() as cursor:
+                cursor.execute(
+                    f"INSERT INTO {self.table(dst)} ({qn(dst_user)}, {qn(dst_other)}) "
+                    f"SELECT s.{qn(src_user)}, s.{qn(src_other)} FROM {self.table(src)} s "
+                    f"JOIN {VALUES} v ON v.id = s.{qn(src_user)}"
+                )
+                if name == "groups":
+                    self.result.groups += cursor.rowcount
+                else:
+                    self.result.permissions += cursor.rowcount
+
+    def normalise(self, row) -> tuple[str, str] | None:
+        """A legacy row's new email and phone, its username and password checked; None (and
+        reported) if rejected. `row` has at least the CHECKED fields."""
         try:
             if row.id in self.bad:
                 raise Rejected(*self.bad[row.id])
@@ -604,53 +662,47 @@ class Sync:
         for change in (email_change, phone_change):
             if change:
                 self.result.normalised[change] += 1
-        return self.new_values(row, email, phone)
+        return email, phone
 
-    @staticmethod
-    def new_values(row, email, phone) -> tuple:
-        """A legacy row's values in FIELDS order, with its normalised email and phone."""
-        return (
-            row.id, row.password, row.last_login, row.is_superuser, row.username, email,
-            row.full_name, row.date_of_birth, phone, row.is_active, row.is_staff,
-        )  # fmt: skip
-
-    def report_conflicts(self, rows) -> list[tuple]:
+    def report_conflicts(self, ids) -> list[tuple[int, tuple[str, str]]]:
         """Users changed on both sides: name the fields where the two sides now differ.
 
         When they no longer differ (someone made them equal), the user is synced again: its
-        values are returned, to be written and recorded like an update.
+        id and new email and phone are returned, to be written and recorded like an update.
         """
         resolved = []
-        if not rows:
+        if not ids:
             return resolved
-        ids = [row.id for row in rows]
-        new = {
-            r.id: r
-            for r in self.models.new.objects.using(self.alias)
-            .filter(pk__in=ids)
-            .values_list(*FIELDS, named=True)
-        }
-        legacy_links, new_links = (
-            self.link_sets(self.models.legacy, ids),
-            self.link_sets(self.models.new, ids),
+        m = self.models
+        legacy, new = (
+            {
+                r.id: r
+                for chunk in chunks(ids, SMALL)
+                for r in model.objects.using(self.alias)
+                .filter(pk__in=chunk)
+                .values_list(*FIELDS, named=True)
+            }
+            for model in (m.legacy, m.new)
         )
-        for row in rows:
-            other = new.get(row.id)
+        legacy_links, new_links = self.link_sets(m.legacy, ids), self.link_sets(m.new, ids)
+        for pk in ids:
+            row, other = legacy[pk], new.get(pk)
             if other is None:
-                self.reject(row.id, row.username, "conflict",
+                self.reject(pk, row.username, "conflict",
                             "changed in the legacy table, deleted on the new side")  # fmt: skip
                 continue
+            values = row._asdict()
             try:
-                email, phone = normalize_email(row.email)[0], normalize_phone(row.phone_number)[0]
-                values = dict(zip(FIELDS, self.new_values(row, email, phone), strict=True))
+                values["email"] = normalize_email(row.email)[0]
+                values["phone_number"] = normalize_phone(row.phone_number)[0]
             except Rejected:
-                values = row._asdict()
+                pass
             fields = [n for n in FIELDS if values[n] != getattr(other, n)]
-            fields += [n for n in LINKS if legacy_links[n].get(row.id) != new_links[n].get(row.id)]
+            fields += [n for n in LINKS if legacy_links[n].get(pk) != new_links[n].get(pk)]
             if not fields and (normalised := self.normalise(row)) is not None:
-                resolved.append(normalised)
+                resolved.append((pk, normalised))
                 continue
-            self.reject(row.id, row.username, "conflict",
+            self.reject(pk, row.username, "conflict",
                         "changed on both sides since the last sync; fields that differ now: "
                         + (", ".join(fields) or "none, but the legacy row cannot be synced"))  # fmt: skip
         return resolved
@@ -669,31 +721,6 @@ class Sync:
                     sets.setdefault(user_id, set()).add(other)
             out[name] = sets
         return out
-
-    def copy_links(self, ids: set[int]):
-        """Copy the groups and permissions of the users in `ids` (one batch) from the legacy side."""
-        lo, hi = min(ids), max(ids)
-        dense = hi - lo < 2 * len(ids)  # read the id range; else only these ids, in chunks
-        for name in LINKS:
-            src, src_user, src_other = self.links(self.models.legacy, name)
-            dst, dst_user, dst_other = self.links(self.models.new, name)
-            source = src.objects.using(self.alias).values_list(src_user, src_other)
-            found = (
-                source.filter(**{f"{src_user}__gte": lo, f"{src_user}__lte": hi})
-                if dense
-                else (
-                    pair
-                    for chunk in chunks(sorted(ids), SMALL)
-                    for pair in source.filter(**{f"{src_user}__in": chunk})
-                )
-            )
-            links = [(user_id, other) for user_id, other in found if user_id in ids]
-            if links:
-                insert_rows(dst, (dst_user, dst_other), links, self.alias)
-            if name == "groups":
-                self.result.groups += len(links)
-            else:
-                self.result.permissions += len(links)
 
     def delete_links(self, ids):
         for name in LINKS:
@@ -760,14 +787,12 @@ class Sync:
         return found
 
     def create_profiles(self):
-        """One empty profile per user this sync inserted (they carry its stamp), in one statement."""
-        m = self.models
-        profile = m.profile._meta
+        """One empty profile per user this sync inserted, in one statement."""
+        profile = self.models.profile._meta
         columns = ", ".join(self.qn(profile.get_field(name).column) for name in PROFILE_WRITE)
-        joined = self.column(m.new, "joined_at")
         self.sql(
             f"INSERT INTO {self.qn(profile.db_table)} ({columns}) "
-            f"SELECT id, '', '', {joined} FROM {self.table(m.new)} WHERE {joined} = %s",
+            f"SELECT id, '', '', %s FROM {VALUES} WHERE action = 'insert'",
             [self.at],
         )
 

@@ -1,7 +1,8 @@
 """Each kind of wrong value the verification exists to catch, planted in what the sync writes.
 
-Every test corrupts one value on its way into the new tables and expects the whole sync to be
-rolled back. A verifier that checks too little (usernames only, say) fails these tests.
+Every test corrupts one value the sync's write step left in the new tables and expects the
+whole sync to be rolled back. A verifier that checks too little (usernames only, say) fails
+these tests.
 """
 
 from datetime import UTC, datetime
@@ -9,6 +10,7 @@ from datetime import UTC, datetime
 import pytest
 from django.contrib.auth.models import Group, Permission
 from django.core.management.base import CommandError
+from django.db.models.functions import Lower
 
 from account import usercopy
 from account.models import NewUser, OperationLog, Profile, User
@@ -16,7 +18,6 @@ from account.models import NewUser, OperationLog, Profile, User
 from .conftest import make_legacy
 
 pytestmark = pytest.mark.django_db
-FIELDS = usercopy.INSERT_FIELDS
 
 
 @pytest.fixture
@@ -36,21 +37,24 @@ def legacy_users():
     return users
 
 
-def plant(monkeypatch, change_user=None, change_links=None):
-    """Corrupt the second user row (or the link rows) that the sync hands to the writer."""
-    real = usercopy.insert_rows
+def plant(monkeypatch, corrupt):
+    """Let the sync's write step run, then `corrupt()` what it wrote, before verification.
 
-    def corrupting(model, columns, rows, alias):
-        rows = list(rows)
-        if model is NewUser and change_user:
-            row = dict(zip(FIELDS, rows[1], strict=True))
-            change_user(row)
-            rows[1] = tuple(row[f] for f in FIELDS)
-        elif model is not NewUser and change_links:
-            rows = change_links(model, rows)
-        return real(model, columns, rows, alias)
+    `corrupt` changes rows with queryset updates, which leave `updated_at` as the sync set
+    it: the rows still look like this run's writes.
+    """
+    real = usercopy.Sync.write_rows
 
-    monkeypatch.setattr(usercopy, "insert_rows", corrupting)
+    def corrupting(self):
+        real(self)
+        corrupt()
+
+    monkeypatch.setattr(usercopy.Sync, "write_rows", corrupting)
+
+
+def second(**values):
+    """A corruption: set `values` on the copy of the second legacy user."""
+    return lambda: NewUser.objects.filter(username="user1").update(**values)
 
 
 def assert_rolled_back(run, match):
@@ -61,60 +65,50 @@ def assert_rolled_back(run, match):
 
 
 def test_a_wholly_lowercased_email_is_caught(run, legacy_users, monkeypatch):
-    plant(monkeypatch, lambda row: row.update(email=row["email"].lower()))
+    plant(monkeypatch, second(email=Lower("email")))
     assert_rolled_back(run, "emails differ")
 
 
 def test_a_wrong_phone_is_caught(run, legacy_users, monkeypatch):
-    plant(monkeypatch, lambda row: row.update(phone_number="+9779841234599"))
+    plant(monkeypatch, second(phone_number="+9779841234599"))
     assert_rolled_back(run, "phone numbers differ")
 
 
 def test_dropped_microseconds_are_caught(run, legacy_users, monkeypatch):
-    plant(monkeypatch, lambda row: row.update(last_login=row["last_login"].replace(microsecond=0)))
+    plant(monkeypatch, second(last_login=datetime(2024, 5, 1, 12, 30, 45, tzinfo=UTC)))
     assert_rolled_back(run, "fields differ")
 
 
 def test_a_changed_password_is_caught(run, legacy_users, monkeypatch):
-    plant(monkeypatch, lambda row: row.update(password="md5$other$hash"))
+    plant(monkeypatch, second(password="md5$other$hash"))
     assert_rolled_back(run, "fields differ")
 
 
 def test_a_changed_flag_is_caught(run, legacy_users, monkeypatch):
-    plant(monkeypatch, lambda row: row.update(is_staff=not row["is_staff"]))
+    plant(monkeypatch, second(is_staff=False))
     assert_rolled_back(run, "fields differ")
 
 
 def test_a_missing_link_is_caught(run, legacy_users, monkeypatch):
-    plant(
-        monkeypatch,
-        change_links=lambda model, rows: rows[1:] if "groups" in model._meta.db_table else rows,
-    )
+    plant(monkeypatch, lambda: NewUser.groups.through.objects.all().delete())
     assert_rolled_back(run, "groups differ")
 
 
 def test_an_extra_link_is_caught(run, legacy_users, monkeypatch):
     other = Permission.objects.get(codename="view_newuser")
-
-    def add(model, rows):
-        if "permissions" in model._meta.db_table:
-            rows = [*rows, (legacy_users[0].pk, other.pk)]
-        return rows
-
-    plant(monkeypatch, change_links=add)
+    plant(
+        monkeypatch,
+        lambda: NewUser.user_permissions.through.objects.create(
+            newuser_id=legacy_users[0].pk, permission=other
+        ),
+    )
     assert_rolled_back(run, "user_permissions differ")
 
 
 def test_a_wrong_value_carried_by_an_update_is_caught(run, legacy_users, monkeypatch):
     run("copy_users")
     User.objects.filter(pk=legacy_users[1].pk).update(full_name="Renamed")
-    real = usercopy.update_rows
-
-    def corrupting(model, columns, rows, alias):
-        rows = [(*row[:6], "Wrong", *row[7:]) for row in rows]
-        return real(model, columns, rows, alias)
-
-    monkeypatch.setattr(usercopy, "update_rows", corrupting)
+    plant(monkeypatch, second(full_name="Wrong"))
     with pytest.raises(CommandError, match="Verification failed.*fields differ"):
         run("copy_users")
     assert NewUser.objects.get(pk=legacy_users[1].pk).full_name == "User1"
