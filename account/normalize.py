@@ -32,6 +32,9 @@ _PLAIN_EMAIL = re.compile(r"[a-z0-9]+(?:[._][a-z0-9]+)*@[a-z0-9]+(?:[.-][a-z0-9]
 _EXTENSION = re.compile(r"(?:e?xt?\.?|extension|#)\s*[0-9]+\s*$", re.IGNORECASE | re.ASCII)
 _E164 = re.compile(r"\+[1-9][0-9]{1,14}")
 _NP_PREFIX = "+977"  # Nepal's country code: what follows it is the national number
+_NATIONAL_PREFIX = (
+    phonenumbers.PhoneMetadata.metadata_for_region(PHONE_REGION).national_prefix or ""
+)
 
 
 class Rejected(ValueError):
@@ -140,7 +143,9 @@ def phone_matches(legacy: str, stored: str) -> bool:
     the national number with or without the national prefix (0 in Nepal).
     """
     if legacy.isascii() and legacy.isdigit():
-        digits, plus = legacy, False  # the common case, without the per-character loop
+        if stored == _NP_PREFIX + legacy and _E164.fullmatch(stored):
+            return True  # the common case: a national number with the country code before it
+        digits, plus = legacy, False  # without the per-character loop
     else:
         try:
             digits, plus = _phone_digits(legacy)
@@ -157,8 +162,7 @@ def phone_matches(legacy: str, stored: str) -> bool:
         national = stored[len(_NP_PREFIX) :]
     else:
         national = phonenumbers.national_significant_number(phonenumbers.parse(stored))
-    prefix = phonenumbers.PhoneMetadata.metadata_for_region(PHONE_REGION).national_prefix or ""
-    return digits in {full, "00" + full, national, prefix + national}
+    return digits in {full, "00" + full, national, _NATIONAL_PREFIX + national}
 
 
 # Username: kept as it is.
