@@ -23,10 +23,14 @@ that reads the legacy table in one snapshot (REPEATABLE READ on PostgreSQL):
    what there is to do in a temporary table; users deleted from the legacy table are listed;
 3. collisions: what only the whole table shows (an email shared by several rows being
    written, an email or username held by another new user, an id held by a signup);
-4. write: stream the planned rows in id order, normalise each (`account.normalize`), insert
-   or update users and replace their links per batch; give new users an empty profile; delete
-   users removed from the legacy table. By default one rejected row means nothing is written;
-   with `skip_invalid` the valid rows are written and the rejected ones reported;
+4. check, then write: stream the planned rows in id order through Python, which checks the
+   username and password hash and normalises the email and phone (`account.normalize`); the
+   accepted rows' email and phone go to a temporary table (COPY on PostgreSQL). Then one
+   INSERT ... SELECT and one UPDATE ... FROM write every accepted user, taking every other
+   field as it is from the legacy row, and replace their links; new users get an empty
+   profile; users removed from the legacy table are deleted. By default one rejected row
+   means nothing is written; with `skip_invalid` the valid rows are written and the rejected
+   ones reported;
 5. move the id sequence past every legacy id, so a signup never takes a legacy user's id;
 6. verify every row written against its legacy row, field by field and link by link, with
    rules of its own; any difference rolls everything back;
@@ -85,6 +89,7 @@ LOCK_KEY = 727_001  # pg advisory lock id of the user sync
 REPORT_FIELDS = ("legacy_id", "username", "reason", "detail")
 PLAN = "sync_plan"  # the temporary table of what one sync has to do
 VALUES = "sync_values"  # the temporary table of the accepted rows' new email and phone
+DIGESTS = "sync_digests"  # the temporary table of the new rows' digests, before SyncState
 SMALL = 900  # ids per IN (...) list: below SQLite's 999 parameters
 NO_DIGEST = "00000000-0000-0000-0000-000000000000"  # matches no row: "changed since"
 
@@ -383,13 +388,13 @@ class Sync:
             # One snapshot of the legacy table for every read of this sync.
             self.sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         self.utc()
+        self.tune()
         if not self.dry_run:
             self.lock()
         legacy = self.models.legacy.objects.using(self.alias)
         self.result.legacy_total = legacy.count()
         self.max_legacy_id = legacy.aggregate(m=Max("pk"))["m"] or 0
-        self.sql(f"DROP TABLE IF EXISTS {PLAN}")
-        self.sql(f"DROP TABLE IF EXISTS {VALUES}")
+        self.drop_temporary_tables()
         try:
             planned = self.plan()
             removed = self.removed_users()
@@ -423,21 +428,37 @@ class Sync:
         finally:
             # After a database error the transaction is aborted: its rollback drops the table.
             if not isinstance(sys.exc_info()[1], DatabaseError):
-                self.sql(f"DROP TABLE IF EXISTS {PLAN}")
-                self.sql(f"DROP TABLE IF EXISTS {VALUES}")
+                self.drop_temporary_tables()
             self.result.seconds = time.perf_counter() - self.started
+
+    def drop_temporary_tables(self):
+        for table in (PLAN, VALUES, DIGESTS):
+            self.sql(f"DROP TABLE IF EXISTS {table}")
 
     def utc(self):
         """Digests print timestamps as text: in UTC, whatever the session's time zone."""
         if self.postgresql:
             self.sql("SET LOCAL TimeZone = 'UTC'")
 
+    def tune(self):
+        """PostgreSQL settings for this transaction only (they end with it)."""
+        if not self.postgresql:
+            return
+        # Group and hash a million emails and ids in memory, not on disk.
+        self.sql("SET LOCAL work_mem = '64MB'")
+        # Let the digest passes run in parallel workers (max_parallel_workers_per_gather, 2
+        # by default): the planner cannot know that a digest comparison keeps few rows, and
+        # on its default costs it plans the million digests in one process.
+        self.sql("SET LOCAL parallel_setup_cost = 0")
+        self.sql("SET LOCAL parallel_tuple_cost = 0")
+        # The correlated digests inflate the cost estimates past the JIT thresholds: compiling
+        # the plans took longer than it saved (measured, a million users).
+        self.sql("SET LOCAL jit = off")
+
     def lock(self):
         """Refuse a second sync while one runs (PostgreSQL); SQLite queues writers by itself."""
         if not self.postgresql:
             return
-        # Group a million emails in memory, not on disk (this transaction only).
-        self.sql("SET LOCAL work_mem = '64MB'")
         if not self.sql("SELECT pg_try_advisory_xact_lock(%s)", [LOCK_KEY])[0][0]:
             raise CopyError(
                 "Another user sync is running on this database; wait for it to finish, "
@@ -451,19 +472,22 @@ class Sync:
         )
 
     def plan(self) -> int:
-        """Put every legacy row new or changed since the last sync in PLAN, with its action."""
+        """Put every legacy row new or changed since the last sync in PLAN, with its action,
+        its legacy digest and its email key (`find_collisions`)."""
         m, pg = self.models, self.postgresql
         joins, legacy_digest = self.digest(m.legacy, "l", correlated=False)
         _, new_digest = self.digest(m.new, "n", correlated=True)
         new_t, state_t = self.table(m.new), self.table(m.state)
-        digest_type = "uuid" if pg else "char(32)"
-        self.sql(
-            f"CREATE TEMP TABLE {PLAN} (id bigint PRIMARY KEY, action varchar(10), "
-            f"legacy_digest {digest_type})" + (" ON COMMIT DROP" if pg else "")
+        email = self.column(m.legacy, "email")
+        ascii_email = (
+            f"octet_length(l.{email}) = char_length(l.{email})"
+            if pg
+            else f"length(CAST(l.{email} AS BLOB)) = length(l.{email})"
         )
+        # CREATE TABLE AS, not INSERT ... SELECT: PostgreSQL runs it in parallel workers.
         # The legacy digest is kept: `record` writes it, as the snapshot had it.
         self.sql(
-            f"""INSERT INTO {PLAN} (id, action, legacy_digest)
+            f"""CREATE TEMP TABLE {PLAN} {"ON COMMIT DROP" if pg else ""} AS
             SELECT x.id, CASE
                 WHEN x.synced IS NULL THEN CASE
                     WHEN EXISTS (SELECT 1 FROM {new_t} n WHERE n.id = x.id) THEN 'id_taken'
@@ -471,14 +495,16 @@ class Sync:
                 WHEN NOT EXISTS (SELECT 1 FROM {new_t} n WHERE n.id = x.id) THEN 'gone'
                 WHEN (SELECT {new_digest} FROM {new_t} n WHERE n.id = x.id) <> x.new_then
                     THEN 'conflict'
-                ELSE 'update' END, x.digest
+                ELSE 'update' END AS action, x.digest AS legacy_digest, x.email_key
             FROM (SELECT l.id, s.user_id AS synced, s.legacy_digest AS legacy_then,
-                    s.new_digest AS new_then, {legacy_digest} AS digest
+                    s.new_digest AS new_then, {legacy_digest} AS digest,
+                    CASE WHEN {ascii_email} THEN LOWER(TRIM(l.{email})) ELSE '' END AS email_key
                 FROM {self.table(m.legacy)} l
                 LEFT JOIN {state_t} s ON s.user_id = l.id
                 {joins}) x
             WHERE x.synced IS NULL OR x.digest <> x.legacy_then"""
         )
+        self.sql(f"CREATE UNIQUE INDEX {PLAN}_id ON {PLAN} (id)")
         if pg:
             self.sql(f"ANALYZE {PLAN}")
         return self.sql(f"SELECT COUNT(*) FROM {PLAN}")[0][0]
@@ -502,33 +528,27 @@ class Sync:
     def find_collisions(self):
         """Rows rejected for what only the whole table shows; kept in `self.bad` by id.
 
-        Email keys are compared as LOWER(TRIM(email)), the way the new unique index compares
-        them, and only for ASCII emails (the rule rejects the others): there Python and the
-        database agree on case and on what a space is.
+        Email keys are the plan's `email_key`, LOWER(TRIM(email)) as the new unique index
+        compares them, and only for ASCII emails (the rule rejects the others): there Python
+        and the database agree on case and on what a space is.
         """
-        m, pg = self.models, self.postgresql
+        m = self.models
         legacy_t, new_t = self.table(m.legacy), self.table(m.new)
-        email, username = self.column(m.legacy, "email"), self.column(m.legacy, "username")
+        username = self.column(m.legacy, "username")
         new_email, new_username = self.column(m.new, "email"), self.column(m.new, "username")
-        ascii_only = (
-            f"octet_length(l.{email}) = char_length(l.{email})"
-            if pg
-            else f"length(CAST(l.{email} AS BLOB)) = length(l.{email})"
-        )
-        key = f"LOWER(TRIM(l.{email}))"
-        written = f"p.action IN ('insert', 'update') AND {ascii_only} AND {key} <> ''"
+        written = "p.action IN ('insert', 'update') AND p.email_key <> ''"
         # An email key several rows would write at once (an update keeping its key is not new).
         keeps_key = (
-            f"EXISTS (SELECT 1 FROM {new_t} n WHERE n.id = p.id AND LOWER(n.{new_email}) = {key})"
+            f"EXISTS (SELECT 1 FROM {new_t} n "
+            f"WHERE n.id = p.id AND LOWER(n.{new_email}) = p.email_key)"
         )
         if not m.new.objects.using(self.alias).exists():
             keeps_key = "1 = 0"  # the first copy: no new user keeps anything
-        rows = f"{PLAN} p JOIN {legacy_t} l ON l.id = p.id"
         changing = f"{written} AND NOT {keeps_key}"
         for pk, shared, n in self.sql(
-            f"""SELECT p.id, g.k, g.n FROM {rows}
-            JOIN (SELECT {key} AS k, COUNT(*) AS n FROM {rows} WHERE {changing}
-                GROUP BY {key} HAVING COUNT(*) > 1) g ON g.k = {key}
+            f"""SELECT p.id, g.k, g.n FROM {PLAN} p
+            JOIN (SELECT p.email_key AS k, COUNT(*) AS n FROM {PLAN} p WHERE {changing}
+                GROUP BY p.email_key HAVING COUNT(*) > 1) g ON g.k = p.email_key
             WHERE {changing}"""
         ):
             self.bad[pk] = (
@@ -538,8 +558,8 @@ class Sync:
         if not m.new.objects.using(self.alias).exists():
             return
         for pk, other in self.sql(
-            f"""SELECT p.id, MIN(n.id) FROM {PLAN} p JOIN {legacy_t} l ON l.id = p.id
-            JOIN {new_t} n ON LOWER(n.{new_email}) = {key} AND n.id <> p.id
+            f"""SELECT p.id, MIN(n.id) FROM {PLAN} p
+            JOIN {new_t} n ON LOWER(n.{new_email}) = p.email_key AND n.id <> p.id
             WHERE {written} GROUP BY p.id"""
         ):
             self.bad.setdefault(pk, ("email_taken", f"email already used by new user {other}"))
@@ -607,6 +627,8 @@ class Sync:
         """Write every accepted row in SQL: its email and phone from VALUES, every other field
         exactly as the legacy row holds it; then replace the links of the users written."""
         m, qn = self.models, self.qn
+        if self.postgresql:
+            self.sql(f"ANALYZE {VALUES}")  # else it plans a million index lookups, not a join
         new_t, legacy_t = self.table(m.new), self.table(m.legacy)
         email, phone = self.column(m.new, "email"), self.column(m.new, "phone_number")
         copied = [(self.column(m.new, name), self.column(m.legacy, name)) for name in COPIED]
@@ -885,7 +907,16 @@ class Sync:
             )
 
     def first_ids(self, sql, params) -> list[int]:
-        return [r[0] for r in self.sql(sql + " ORDER BY n.id LIMIT 5", params)]
+        """The first 5 ids `sql` (selecting n.id) finds. Materialised first on PostgreSQL: with
+        the LIMIT inside, it plans a million index lookups in id order, not one join."""
+        materialized = "MATERIALIZED" if self.postgresql else ""
+        return [
+            r[0]
+            for r in self.sql(
+                f"WITH found AS {materialized} ({sql}) SELECT id FROM found ORDER BY id LIMIT 5",
+                params,
+            )
+        ]
 
     def verify_emails_and_phones(self) -> list[str]:
         """Stream the written rows (a server-side cursor on PostgreSQL: memory stays flat)."""
@@ -924,13 +955,18 @@ class Sync:
             f"DELETE FROM {state_t} WHERE user_id IN (SELECT n.id FROM {new_t} n WHERE {this_run})",
             [self.at],
         )
+        # The digests first, by CREATE TABLE AS: PostgreSQL computes them in parallel workers
+        # (an INSERT ... SELECT, or a query reading a temporary table, runs in one process).
+        self.sql(
+            f"CREATE TEMP TABLE {DIGESTS} {'ON COMMIT DROP' if self.postgresql else ''} AS "
+            f"SELECT n.id, {new_digest} AS digest FROM {new_t} n {new_joins} WHERE {this_run}",
+            [self.at],
+        )
         self.sql(
             f"""INSERT INTO {state_t} (user_id, legacy_digest, new_digest, synced_at)
-            SELECT n.id, p.legacy_digest, {new_digest}, %s
-            FROM {new_t} n JOIN {PLAN} p ON p.id = n.id
-            {new_joins}
-            WHERE {this_run}""",
-            [self.at, self.at],
+            SELECT d.id, p.legacy_digest, d.digest, %s
+            FROM {DIGESTS} d JOIN {PLAN} p ON p.id = d.id""",
+            [self.at],
         )
 
     def log(self, *, ok, message):
