@@ -628,7 +628,7 @@ class Sync:
         exactly as the legacy row holds it; then replace the links of the users written."""
         m, qn = self.models, self.qn
         if self.postgresql:
-            self.sql(f"ANALYZE {VALUES}")  # else it plans a million index lookups, not a join
+            self.sql(f"ANALYZE {VALUES}")  # its real size, for the join's plan
         new_t, legacy_t = self.table(m.new), self.table(m.legacy)
         email, phone = self.column(m.new, "email"), self.column(m.new, "phone_number")
         copied = [(self.column(m.new, name), self.column(m.legacy, name)) for name in COPIED]
