@@ -55,46 +55,6 @@ def insert_rows(model, columns, rows, alias: str = "default", batch_size: int = 
     return n
 
 
-def update_rows(model, columns, rows, alias: str = "default") -> int:
-    """Update existing rows by id (the first column) with the other columns' values.
-
-    PostgreSQL: one COPY into a temporary table, then one UPDATE ... FROM. Elsewhere: one
-    executemany of a parameterised UPDATE. Values go in as given (no `auto_now`).
-    """
-    connection = connections[alias]
-    qn = connection.ops.quote_name
-    table = qn(model._meta.db_table)
-    names = [qn(model._meta.get_field(c).column) for c in columns]
-    pk, others = names[0], names[1:]
-    rows = list(rows)
-    if not rows:
-        return 0
-    if is_postgresql(alias):
-        with connection.cursor() as cursor:
-            cursor.execute(
-                f"CREATE TEMP TABLE sync_update ON COMMIT DROP AS "
-                f"SELECT {', '.join(names)} FROM {table} LIMIT 0"
-            )
-            with cursor.cursor.copy(f"COPY sync_update ({', '.join(names)}) FROM STDIN") as copy:
-                for row in rows:
-                    copy.write_row(row)
-            sets = ", ".join(f"{c} = u.{c}" for c in others)
-            cursor.execute(f"UPDATE {table} t SET {sets} FROM sync_update u WHERE t.{pk} = u.{pk}")
-            cursor.execute("DROP TABLE sync_update")
-        return len(rows)
-    fields = [model._meta.get_field(c) for c in columns]
-    params = [
-        [f.get_db_prep_save(v, connection) for f, v in zip(fields[1:], row[1:], strict=True)]
-        + [row[0]]
-        for row in rows
-    ]
-    with connection.cursor() as cursor:
-        cursor.executemany(
-            f"UPDATE {table} SET {', '.join(f'{c} = %s' for c in others)} WHERE {pk} = %s", params
-        )
-    return len(rows)
-
-
 def reset_sequences(models, alias: str = "default") -> None:
     """After inserting explicit ids on PostgreSQL, move the id sequences past them."""
     from django.core.management.color import no_style
