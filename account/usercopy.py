@@ -25,12 +25,12 @@ that reads the legacy table in one snapshot (REPEATABLE READ on PostgreSQL):
    written, an email or username held by another new user, an id held by a signup);
 4. check, then write: stream the planned rows in id order through Python, which checks the
    username and password hash and normalises the email and phone (`account.normalize`); the
-   accepted rows' email and phone go to a temporary table (COPY on PostgreSQL). Then one
-   INSERT ... SELECT and one UPDATE ... FROM write every accepted user, taking every other
-   field as it is from the legacy row, and replace their links; new users get an empty
-   profile; users removed from the legacy table are deleted. By default one rejected row
-   means nothing is written; with `skip_invalid` the valid rows are written and the rejected
-   ones reported;
+   accepted rows go to a temporary table with the values Python checked (COPY on
+   PostgreSQL). Users removed from the legacy table are deleted. Then one INSERT ... SELECT
+   and one UPDATE write every accepted user, taking every other field as it is from the
+   legacy row, and replace their links; new users get an empty profile. By default one
+   rejected row means nothing is written; with `skip_invalid` the valid rows are written and
+   the rejected ones reported;
 5. move the id sequence past every legacy id, so a signup never takes a legacy user's id;
 6. verify every row written against its legacy row, field by field and link by link, with
    rules of its own; any difference rolls everything back;
@@ -39,7 +39,6 @@ that reads the legacy table in one snapshot (REPEATABLE READ on PostgreSQL):
 
 import csv
 import os
-import sys
 import time
 from collections import Counter, namedtuple
 from contextlib import nullcontext
@@ -78,17 +77,18 @@ FIELDS = (
     "is_active",
     "is_staff",
 )
-# Python reads these to check them (username, password) or normalise them (email, phone);
-# every other field is copied in SQL, as it is, from the legacy row.
+# Python reads these to check them (username, password) or normalise them (email, phone),
+# and they are written as Python passed them; every other field is copied in SQL, as it is,
+# from the legacy row.
 CHECKED = ("id", "username", "password", "email", "phone_number")
-COPIED = tuple(name for name in FIELDS if name not in {"id", "email", "phone_number"})
+COPIED = tuple(name for name in FIELDS if name not in CHECKED)
 Checked = namedtuple("Checked", CHECKED)
 LINKS = ("groups", "user_permissions")
 PROFILE_WRITE = ("user_id", "bio", "avatar", "updated_at")
 LOCK_KEY = 727_001  # pg advisory lock id of the user sync
 REPORT_FIELDS = ("legacy_id", "username", "reason", "detail")
 PLAN = "sync_plan"  # the temporary table of what one sync has to do
-VALUES = "sync_values"  # the temporary table of the accepted rows' new email and phone
+VALUES = "sync_values"  # the temporary table of the accepted rows' CHECKED values
 DIGESTS = "sync_digests"  # the temporary table of the new rows' digests, before SyncState
 SMALL = 900  # ids per IN (...) list: below SQLite's 999 parameters
 NO_DIGEST = "00000000-0000-0000-0000-000000000000"  # matches no row: "changed since"
@@ -387,14 +387,14 @@ class Sync:
         if self.postgresql and outermost:
             # One snapshot of the legacy table for every read of this sync.
             self.sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        self.utc()
-        self.tune()
+        saved = self.tune()
         if not self.dry_run:
             self.lock()
         legacy = self.models.legacy.objects.using(self.alias)
         self.result.legacy_total = legacy.count()
         self.max_legacy_id = legacy.aggregate(m=Max("pk"))["m"] or 0
         self.drop_temporary_tables()
+        failure = None
         try:
             planned = self.plan()
             removed = self.removed_users()
@@ -425,35 +425,54 @@ class Sync:
             analyze([self.models.new, self.models.profile, *links], self.alias)
             self.verify()
             self.record()
+        except BaseException as exc:
+            failure = exc
+            raise
         finally:
-            # After a database error the transaction is aborted: its rollback drops the table.
-            if not isinstance(sys.exc_info()[1], DatabaseError):
+            # After a database error the transaction is aborted: its rollback drops the tables.
+            if not isinstance(failure, DatabaseError):
                 self.drop_temporary_tables()
+            if failure is None:
+                # After a failure (or a dry run) the rollback restores them by itself.
+                self.set_local(saved)
             self.result.seconds = time.perf_counter() - self.started
 
     def drop_temporary_tables(self):
+        # Qualified: never a permanent table that happens to have the same name.
+        schema = "pg_temp" if self.postgresql else "temp"
         for table in (PLAN, VALUES, DIGESTS):
-            self.sql(f"DROP TABLE IF EXISTS {table}")
+            self.sql(f"DROP TABLE IF EXISTS {schema}.{table}")
 
     def utc(self):
         """Digests print timestamps as text: in UTC, whatever the session's time zone."""
         if self.postgresql:
             self.sql("SET LOCAL TimeZone = 'UTC'")
 
-    def tune(self):
-        """PostgreSQL settings for this transaction only (they end with it)."""
+    def tune(self) -> dict[str, str]:
+        """Set PostgreSQL's settings for the sync; returns the values they replace, which
+        `run` sets back when it ends (called inside a caller's transaction, SET LOCAL would
+        last until the caller's transaction ends)."""
         if not self.postgresql:
-            return
-        # Group and hash a million emails and ids in memory, not on disk.
-        self.sql("SET LOCAL work_mem = '64MB'")
-        # Let the digest passes run in parallel workers (max_parallel_workers_per_gather, 2
-        # by default): the planner cannot know that a digest comparison keeps few rows, and
-        # on its default costs it plans the million digests in one process.
-        self.sql("SET LOCAL parallel_setup_cost = 0")
-        self.sql("SET LOCAL parallel_tuple_cost = 0")
-        # The correlated digests inflate the cost estimates past the JIT thresholds: compiling
-        # the plans took longer than it saved (measured, a million users).
-        self.sql("SET LOCAL jit = off")
+            return {}
+        settings = {
+            "TimeZone": "UTC",  # digests print timestamps as text: in UTC, whatever the zone
+            "work_mem": "64MB",  # group and hash a million emails and ids in memory
+            # Let the digest passes run in parallel workers (max_parallel_workers_per_gather,
+            # 2 by default): the planner cannot know that a digest comparison keeps few rows,
+            # and on its default costs it plans the million digests in one process.
+            "parallel_setup_cost": "0",
+            "parallel_tuple_cost": "0",
+            # The correlated digests inflate the cost estimates past the JIT thresholds:
+            # compiling the plans took longer than it saved (measured, a million users).
+            "jit": "off",
+        }
+        saved = {name: self.sql("SELECT current_setting(%s)", [name])[0][0] for name in settings}
+        self.set_local(settings)
+        return saved
+
+    def set_local(self, settings: dict[str, str]):
+        for name, value in settings.items():
+            self.sql("SELECT set_config(%s, %s, true)", [name, value])
 
     def lock(self):
         """Refuse a second sync while one runs (PostgreSQL); SQLite queues writers by itself."""
@@ -574,12 +593,13 @@ class Sync:
 
     def check_rows(self):
         """Stream the planned rows in id order and check what Python owns: the username and
-        password hash are checked, the email and phone normalised. The accepted rows' email
-        and phone go to VALUES; `write_rows` copies every other field in SQL."""
+        password hash are checked, the email and phone normalised. The accepted rows go to
+        VALUES as Python checked them; `write_rows` copies every other field in SQL."""
         m = self.models
         self.sql(
-            f"CREATE TEMP TABLE {VALUES} (id bigint, action varchar(10), email varchar(254), "
-            "phone_number varchar(128))" + (" ON COMMIT DROP" if self.postgresql else "")
+            f"CREATE TEMP TABLE {VALUES} (id bigint, action varchar(10), username varchar(150), "
+            "password varchar(128), email varchar(254), phone_number varchar(128))"
+            + (" ON COMMIT DROP" if self.postgresql else "")
         )
         read = ", ".join(f"l.{self.column(m.legacy, name)}" for name in CHECKED)
         # One server-side cursor on PostgreSQL: memory stays flat, the tables are read once.
@@ -602,8 +622,8 @@ class Sync:
                 self.reject(row.id, row.username, "id_taken",
                             f"id {row.id} already belongs to a new user the copy did not make")  # fmt: skip
             elif (new := self.normalise(row)) is not None:
-                accepted.append((row.id, action, *new))
-        accepted += [(pk, "update", *new) for pk, new in self.report_conflicts(conflicts)]
+                accepted.append((row.id, action, row.username, row.password, *new))
+        accepted += [(pk, "update", *new) for pk, *new in self.report_conflicts(conflicts)]
         inserted = sum(1 for row in accepted if row[1] == "insert")
         self.result.copied += inserted
         self.result.updated += len(accepted) - inserted
@@ -612,8 +632,8 @@ class Sync:
         self.on_progress(len(batch))
 
     def load_values(self, rows):
-        """Add (id, action, email, phone) rows to VALUES: COPY on PostgreSQL."""
-        columns = "id, action, email, phone_number"
+        """Add (id, action, *CHECKED values) rows to VALUES: COPY on PostgreSQL."""
+        columns = "id, action, username, password, email, phone_number"
         if self.postgresql:
             sql = f"COPY {VALUES} ({columns}) FROM STDIN"
             with self.connection.cursor() as cursor, cursor.cursor.copy(sql) as copy:
@@ -621,31 +641,36 @@ class Sync:
                     copy.write_row(row)
             return
         with self.connection.cursor() as cursor:
-            cursor.executemany(f"INSERT INTO {VALUES} ({columns}) VALUES (%s, %s, %s, %s)", rows)
+            cursor.executemany(
+                f"INSERT INTO {VALUES} ({columns}) VALUES (%s, %s, %s, %s, %s, %s)", rows
+            )
 
     def write_rows(self):
-        """Write every accepted row in SQL: its email and phone from VALUES, every other field
-        exactly as the legacy row holds it; then replace the links of the users written."""
+        """Write every accepted row in SQL: the values Python checked (username, password,
+        email, phone) from VALUES, every other field as the legacy row holds it; then replace
+        the links of the users written."""
         m, qn = self.models, self.qn
+        self.sql(f"CREATE UNIQUE INDEX {VALUES}_id ON {VALUES} (id)")  # one row per user
         if self.postgresql:
             self.sql(f"ANALYZE {VALUES}")  # its real size, for the join's plan
         new_t, legacy_t = self.table(m.new), self.table(m.legacy)
-        email, phone = self.column(m.new, "email"), self.column(m.new, "phone_number")
+        checked = [self.column(m.new, name) for name in CHECKED[1:]]
         copied = [(self.column(m.new, name), self.column(m.legacy, name)) for name in COPIED]
-        joined, updated = self.column(m.new, "joined_at"), self.column(m.new, "updated_at")
+        new_columns = ", ".join([*checked, *(n for n, _ in copied)])
+        values = ", ".join([*(f"v.{name}" for name in CHECKED[1:]), *(f"l.{o}" for _, o in copied)])
         source = f"FROM {VALUES} v JOIN {legacy_t} l ON l.id = v.id"
+        joined, updated = self.column(m.new, "joined_at"), self.column(m.new, "updated_at")
         self.sql(
-            f"INSERT INTO {new_t} (id, {', '.join(n for n, _ in copied)}, {email}, {phone}, "
-            f"{joined}, {updated}) "
-            f"SELECT v.id, {', '.join(f'l.{o}' for _, o in copied)}, v.email, v.phone_number, "
-            f"%s, %s {source} WHERE v.action = 'insert'",
+            f"INSERT INTO {new_t} (id, {new_columns}, {joined}, {updated}) "
+            f"SELECT v.id, {values}, %s, %s {source} WHERE v.action = 'insert'",
             [self.at, self.at],
         )
         if self.result.updated:
-            sets = ", ".join(f"{n} = l.{o}" for n, o in copied)
+            # A row-value UPDATE, not UPDATE ... FROM: SQLite has the latter only since 3.33.
             self.sql(
-                f"UPDATE {new_t} AS n SET {sets}, {email} = v.email, {phone} = v.phone_number, "
-                f"{updated} = %s {source} WHERE n.id = v.id AND v.action = 'update'",
+                f"UPDATE {new_t} SET ({new_columns}, {updated}) = "
+                f"(SELECT {values}, %s {source} WHERE v.id = {new_t}.id) "
+                f"WHERE id IN (SELECT id FROM {VALUES} WHERE action = 'update')",
                 [self.at],
             )
         for name in LINKS:
@@ -686,11 +711,11 @@ class Sync:
                 self.result.normalised[change] += 1
         return email, phone
 
-    def report_conflicts(self, ids) -> list[tuple[int, tuple[str, str]]]:
+    def report_conflicts(self, ids) -> list[tuple]:
         """Users changed on both sides: name the fields where the two sides now differ.
 
         When they no longer differ (someone made them equal), the user is synced again: its
-        id and new email and phone are returned, to be written and recorded like an update.
+        id and CHECKED values are returned, to be written and recorded like an update.
         """
         resolved = []
         if not ids:
@@ -708,7 +733,11 @@ class Sync:
         )
         legacy_links, new_links = self.link_sets(m.legacy, ids), self.link_sets(m.new, ids)
         for pk in ids:
-            row, other = legacy[pk], new.get(pk)
+            row, other = legacy.get(pk), new.get(pk)
+            if row is None:
+                # Deleted since the plan read it: possible only nested in a caller's READ
+                # COMMITTED transaction. Nothing is written; the next sync sees the deletion.
+                continue
             if other is None:
                 self.reject(pk, row.username, "conflict",
                             "changed in the legacy table, deleted on the new side")  # fmt: skip
@@ -722,7 +751,7 @@ class Sync:
             fields = [n for n in FIELDS if values[n] != getattr(other, n)]
             fields += [n for n in LINKS if legacy_links[n].get(pk) != new_links[n].get(pk)]
             if not fields and (normalised := self.normalise(row)) is not None:
-                resolved.append((pk, normalised))
+                resolved.append((pk, row.username, row.password, *normalised))
                 continue
             self.reject(pk, row.username, "conflict",
                         "changed on both sides since the last sync; fields that differ now: "

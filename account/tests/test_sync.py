@@ -439,3 +439,87 @@ def test_the_sync_reads_in_one_repeatable_read_snapshot(tmp_path):
         User.objects.all().delete()
         NewUser.objects.all().delete()
         SyncState.objects.all().delete()
+
+
+def models_now():
+    return usercopy.CopyModels(
+        legacy=User, new=NewUser, profile=Profile, state=SyncState, log=OperationLog
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_nested_a_legacy_change_between_the_check_and_the_write_is_not_written(
+    tmp_path, monkeypatch
+):
+    """Nested in a caller's READ COMMITTED transaction, the sync reads at two moments. What
+    Python checked (username, password) is what is written, and the verification catches the
+    legacy row that changed in between: nothing unchecked reaches NewUser."""
+    if connection.vendor != "postgresql":
+        pytest.skip("SQLite lets no other writer in while the sync runs")
+    import psycopg
+
+    make_legacy("alice", "alice@example.com")
+    bob = make_legacy("bob", "bob@example.com")
+    settings = connection.settings_dict
+    real = usercopy.Sync.write_rows
+
+    def racing(self):
+        with psycopg.connect(
+            dbname=settings["NAME"], user=settings["USER"], host=settings["HOST"],
+            port=settings["PORT"] or 5432, password=settings["PASSWORD"], autocommit=True,
+        ) as other:  # fmt: skip
+            other.execute(
+                "UPDATE account_user SET username = 'bad name!', password = 'hunter2' "
+                "WHERE id = %s",
+                [bob.pk],
+            )
+        real(self)
+
+    monkeypatch.setattr(usercopy.Sync, "write_rows", racing)
+    from django.db import transaction
+
+    try:
+        failed = pytest.raises(CommandError, match="Verification failed.*fields differ")
+        with failed, transaction.atomic():
+            usercopy.copy_users(models_now(), report_dir=tmp_path)
+        assert not NewUser.objects.exists()
+    finally:
+        User.objects.all().delete()
+        NewUser.objects.all().delete()
+        SyncState.objects.all().delete()
+        OperationLog.objects.all().delete()
+
+
+def test_nested_the_sync_gives_back_the_settings_it_changed(tmp_path):
+    """Inside a caller's transaction (the cut-over's), the sync's own PostgreSQL settings do
+    not outlive it: the caller's later statements run under the caller's settings."""
+    if connection.vendor != "postgresql":
+        pytest.skip("PostgreSQL settings")
+    make_legacy("alice", "alice@example.com")
+    names = ("TimeZone", "work_mem", "parallel_setup_cost", "parallel_tuple_cost", "jit")
+
+    def current():
+        with connection.cursor() as cursor:
+            return [
+                (cursor.execute("SELECT current_setting(%s)", [n]), cursor.fetchone()[0])[1]
+                for n in names
+            ]
+
+    with connection.cursor() as cursor:
+        cursor.execute("SET LOCAL TimeZone = 'Asia/Kathmandu'")
+    before = current()
+    usercopy.copy_users(models_now(), report_dir=tmp_path)
+    assert NewUser.objects.count() == 1
+    assert current() == before
+
+
+def test_the_sync_never_drops_a_permanent_table_named_like_its_temporary_ones(run):
+    with connection.cursor() as cursor:
+        for name in ("sync_plan", "sync_values", "sync_digests"):
+            cursor.execute(f"CREATE TABLE {name} (x integer)")
+    make_legacy("alice", "alice@example.com")
+    run("copy_users")
+    assert NewUser.objects.count() == 1
+    with connection.cursor() as cursor:
+        tables = connection.introspection.table_names(cursor)
+    assert {"sync_plan", "sync_values", "sync_digests"} <= set(tables)

@@ -5,11 +5,12 @@ whole sync to be rolled back. A verifier that checks too little (usernames only,
 these tests.
 """
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 
 import pytest
 from django.contrib.auth.models import Group, Permission
 from django.core.management.base import CommandError
+from django.db import connection
 from django.db.models.functions import Lower
 
 from account import usercopy
@@ -112,3 +113,53 @@ def test_a_wrong_value_carried_by_an_update_is_caught(run, legacy_users, monkeyp
     with pytest.raises(CommandError, match="Verification failed.*fields differ"):
         run("copy_users")
     assert NewUser.objects.get(pk=legacy_users[1].pk).full_name == "User1"
+
+
+def test_a_wrong_date_of_birth_is_caught(run, legacy_users, monkeypatch):
+    plant(monkeypatch, second(date_of_birth=date(1990, 1, 1)))
+    assert_rolled_back(run, "fields differ")
+
+
+@pytest.mark.parametrize("flag", [{"is_active": False}, {"is_superuser": True}])
+def test_a_changed_active_or_superuser_flag_is_caught(run, legacy_users, monkeypatch, flag):
+    plant(monkeypatch, second(**flag))
+    assert_rolled_back(run, "fields differ")
+
+
+def test_a_lost_user_is_caught(run, legacy_users, monkeypatch):
+    def lose_user0():
+        """As if the write had skipped user0's row (and so made it no profile either)."""
+        NewUser.objects.filter(username="user0").delete()
+        with connection.cursor() as cursor:
+            cursor.execute(f"DELETE FROM {usercopy.VALUES} WHERE username = 'user0'")
+
+    plant(monkeypatch, lose_user0)
+    assert_rolled_back(run, "2 new users written, 3 expected")
+
+
+def test_a_missing_profile_is_caught(run, legacy_users, monkeypatch):
+    real = usercopy.Sync.create_profiles
+
+    def losing_one(self):
+        real(self)
+        Profile.objects.filter(user__username="user0").delete()
+
+    monkeypatch.setattr(usercopy.Sync, "create_profiles", losing_one)
+    assert_rolled_back(run, "2 profiles for 3 inserted users")
+
+
+def test_a_deleted_user_left_on_the_new_side_is_caught(run, legacy_users, monkeypatch):
+    run("copy_users")
+    gone = legacy_users[0]
+    User.objects.filter(pk=gone.pk).delete()
+    real = usercopy.Sync.delete_removed
+
+    def keeping_it(self, removed):
+        real(self, removed)
+        NewUser.objects.create(pk=gone.pk, username="user0", email="user0@example.com")
+
+    monkeypatch.setattr(usercopy.Sync, "delete_removed", keeping_it)
+    with pytest.raises(CommandError, match="Verification failed.*deleted users still"):
+        run("copy_users")
+    assert NewUser.objects.filter(pk=gone.pk).exists()  # as the first sync left it
+    assert NewUser.objects.count() == 3
