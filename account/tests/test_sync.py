@@ -361,7 +361,13 @@ def test_digests_do_not_depend_on_the_session_time_zone(run, synced):
     User.objects.filter(pk=alice.pk).update(last_login=datetime(2025, 1, 1, tzinfo=UTC))
     with connection.cursor() as cursor:
         cursor.execute("SET TIME ZONE 'Asia/Kathmandu'")
-    run("copy_users")  # a legacy change, not a conflict
+    out, _ = run("copy_users")  # a legacy change, not a conflict
+    assert "update 1" in out and "conflict" not in out
+    with connection.cursor() as cursor:
+        # The sync gives the session its own time zone back; Django reads only in UTC.
+        cursor.execute("SHOW TimeZone")
+        assert cursor.fetchone()[0] == "Asia/Kathmandu"
+        cursor.execute("SET TIME ZONE 'UTC'")
     assert NewUser.objects.get(pk=alice.pk).last_login == datetime(2025, 1, 1, tzinfo=UTC)
 
 
