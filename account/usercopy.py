@@ -433,7 +433,7 @@ class Sync:
             if not isinstance(failure, DatabaseError):
                 self.drop_temporary_tables()
             if failure is None:
-                # After a failure (or a dry run) the rollback restores them by itself.
+                # After a failure the rollback restores them by itself.
                 self.set_local(saved)
             self.result.seconds = time.perf_counter() - self.started
 
@@ -457,6 +457,8 @@ class Sync:
         settings = {
             "TimeZone": "UTC",  # digests print timestamps as text: in UTC, whatever the zone
             "work_mem": "64MB",  # group and hash a million emails and ids in memory
+            # `indexes_built_after` raises it for a first load: given back with the others.
+            "maintenance_work_mem": "256MB",
             # Let the digest passes run in parallel workers (max_parallel_workers_per_gather,
             # 2 by default): the planner cannot know that a digest comparison keeps few rows,
             # and on its default costs it plans the million digests in one process.
@@ -636,7 +638,12 @@ class Sync:
         columns = "id, action, username, password, email, phone_number"
         if self.postgresql:
             sql = f"COPY {VALUES} ({columns}) FROM STDIN"
-            with self.connection.cursor() as cursor, cursor.cursor.copy(sql) as copy:
+            # The raw psycopg cursor's errors become Django's DatabaseError, like any other.
+            with (
+                self.connection.wrap_database_errors,
+                self.connection.cursor() as cursor,
+                cursor.cursor.copy(sql) as copy,
+            ):
                 for row in rows:
                     copy.write_row(row)
             return

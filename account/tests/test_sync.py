@@ -453,47 +453,89 @@ def models_now():
     )
 
 
+def other_connection():
+    """A second connection to the test database, committing on its own (autocommit)."""
+    import psycopg
+
+    settings = connection.settings_dict
+    return psycopg.connect(
+        dbname=settings["NAME"], user=settings["USER"], host=settings["HOST"],
+        port=settings["PORT"] or 5432, password=settings["PASSWORD"], autocommit=True,
+    )  # fmt: skip
+
+
+def clean_up_after_a_transaction_test():
+    User.objects.all().delete()
+    NewUser.objects.all().delete()
+    SyncState.objects.all().delete()
+    OperationLog.objects.all().delete()
+
+
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("change", ["username = 'bad name!'", "password = 'hunter2'"])
 def test_nested_a_legacy_change_between_the_check_and_the_write_is_not_written(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, change
 ):
     """Nested in a caller's READ COMMITTED transaction, the sync reads at two moments. What
     Python checked (username, password) is what is written, and the verification catches the
     legacy row that changed in between: nothing unchecked reaches NewUser."""
     if connection.vendor != "postgresql":
         pytest.skip("SQLite lets no other writer in while the sync runs")
-    import psycopg
+    from django.db import transaction
 
     make_legacy("alice", "alice@example.com")
     bob = make_legacy("bob", "bob@example.com")
-    settings = connection.settings_dict
     real = usercopy.Sync.write_rows
 
     def racing(self):
-        with psycopg.connect(
-            dbname=settings["NAME"], user=settings["USER"], host=settings["HOST"],
-            port=settings["PORT"] or 5432, password=settings["PASSWORD"], autocommit=True,
-        ) as other:  # fmt: skip
-            other.execute(
-                "UPDATE account_user SET username = 'bad name!', password = 'hunter2' "
-                "WHERE id = %s",
-                [bob.pk],
-            )
+        with other_connection() as other:
+            other.execute(f"UPDATE account_user SET {change} WHERE id = %s", [bob.pk])
         real(self)
 
     monkeypatch.setattr(usercopy.Sync, "write_rows", racing)
-    from django.db import transaction
-
     try:
         failed = pytest.raises(CommandError, match="Verification failed.*fields differ")
         with failed, transaction.atomic():
             usercopy.copy_users(models_now(), report_dir=tmp_path)
         assert not NewUser.objects.exists()
     finally:
-        User.objects.all().delete()
-        NewUser.objects.all().delete()
-        SyncState.objects.all().delete()
-        OperationLog.objects.all().delete()
+        clean_up_after_a_transaction_test()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_nested_a_conflicting_user_deleted_meanwhile_is_left_to_the_next_sync(
+    tmp_path, monkeypatch
+):
+    """A user changed on both sides and deleted from the legacy table while the sync runs
+    (nested, READ COMMITTED): nothing is written for it, no traceback; the next sync sees the
+    deletion and reports the conflict."""
+    if connection.vendor != "postgresql":
+        pytest.skip("SQLite lets no other writer in while the sync runs")
+    from django.db import transaction
+
+    alice = make_legacy("alice", "alice@example.com")
+    try:
+        usercopy.copy_users(models_now(), report_dir=tmp_path)
+        User.objects.filter(pk=alice.pk).update(full_name="Legacy side")
+        NewUser.objects.filter(pk=alice.pk).update(full_name="New side")
+        real = usercopy.Sync.report_conflicts
+
+        def deleting_first(self, ids):
+            with other_connection() as other:
+                other.execute("DELETE FROM account_user WHERE id = %s", [alice.pk])
+            return real(self, ids)
+
+        monkeypatch.setattr(usercopy.Sync, "report_conflicts", deleting_first)
+        with transaction.atomic():
+            result = usercopy.copy_users(models_now(), report_dir=tmp_path)
+        assert (result.pending, result.written, result.rejected_total) == (1, 0, 0)
+        assert NewUser.objects.get(pk=alice.pk).full_name == "New side"
+        monkeypatch.undo()
+        with pytest.raises(CommandError, match="conflict: 1"):
+            usercopy.copy_users(models_now(), report_dir=tmp_path)
+        assert NewUser.objects.get(pk=alice.pk).full_name == "New side"
+    finally:
+        clean_up_after_a_transaction_test()
 
 
 def test_nested_the_sync_gives_back_the_settings_it_changed(tmp_path):
