@@ -82,6 +82,7 @@ COLUMNS = tuple(f for f in usercopy.FIELDS if f != "id")
 UNIQUE_COLUMNS = tuple(c for c in COLUMNS if User._meta.get_field(c).unique)
 ADMIN_LOG = "django_admin_log"
 LOCK_TIMEOUT_SQLSTATES = {"55P03", "57014"}  # lock_not_available; query_canceled (the timeout)
+
 # The rollback deletes the legacy users whose NewUser rows are gone. More than this share of
 # the legacy table (at least MASS_DELETE_FLOOR users, at most MASS_DELETE_CEILING) looks like
 # an emptied NewUser rather than deletions, and needs --allow-mass-delete.
@@ -92,6 +93,18 @@ MASS_DELETE_CEILING = 1000
 
 class CutoverError(CommandError):
     """The cut-over or the rollback refused or failed; the message says what to do."""
+
+
+@contextmanager
+def lock_wait_refused(message: str):
+    """A statement that waited past lock_timeout (or statement_timeout) ends in CutoverError
+    with `message`; any other database error passes through as it is."""
+    try:
+        yield
+    except OperationalError as exc:
+        if getattr(exc.__cause__, "sqlstate", None) not in LOCK_TIMEOUT_SQLSTATES:
+            raise
+        raise CutoverError(message) from exc
 
 
 # --- state ------------------------------------------------------------------------------------
@@ -628,16 +641,12 @@ class _Run:
                 "set_config('statement_timeout', %s, true)",
                 [ms, ms],
             )
-            try:
+            with lock_wait_refused(
+                f"Could not lock the tables within {self.lock_timeout:g} s: another session "
+                "is using them (an app instance still running?). Stop it and run again; "
+                "nothing was changed."
+            ):
                 cursor.execute(f"LOCK TABLE {', '.join(tables)} IN {mode} MODE")
-            except OperationalError as exc:
-                if getattr(exc.__cause__, "sqlstate", None) not in LOCK_TIMEOUT_SQLSTATES:
-                    raise
-                raise CutoverError(
-                    f"Could not lock the tables within {self.lock_timeout:g} s: another session "
-                    "is using them (an app instance still running?). Stop it and run again; "
-                    "nothing was changed."
-                ) from exc
             cursor.execute("SELECT set_config('statement_timeout', %s, true)", [statement_timeout])
 
     @contextmanager
@@ -680,21 +689,17 @@ class _Run:
         for fk in _not_valid_foreign_keys_to(self.target, self.alias):
             qn = self.connection.ops.quote_name
             self.say(f"  validating {fk.name} on {fk.table}", 2)
-            try:
-                with transaction.atomic(using=self.alias), self.connection.cursor() as cursor:
-                    cursor.execute(
-                        "SELECT set_config('lock_timeout', %s, true)",
-                        [self.timeout_ms],
-                    )
-                    cursor.execute(f"ALTER TABLE {fk.table} VALIDATE CONSTRAINT {qn(fk.name)}")
-            except OperationalError as exc:
-                if getattr(exc.__cause__, "sqlstate", None) not in LOCK_TIMEOUT_SQLSTATES:
-                    raise
-                raise CutoverError(
+            with (
+                lock_wait_refused(
                     f"The {self.kind} itself is done, but validating {fk.name} on {fk.table} "
-                    f"waited more than {self.lock_timeout:g} s for a lock. Run the same command "
-                    "again to finish the validation."
-                ) from exc
+                    f"waited more than {self.lock_timeout:g} s for a lock. Run the same "
+                    "command again to finish the validation."
+                ),
+                transaction.atomic(using=self.alias),
+                self.connection.cursor() as cursor,
+            ):
+                cursor.execute("SELECT set_config('lock_timeout', %s, true)", [self.timeout_ms])
+                cursor.execute(f"ALTER TABLE {fk.table} VALIDATE CONSTRAINT {qn(fk.name)}")
             self.outcome.validated.append(fk.name)
 
     def finish_earlier_run(self) -> Outcome:

@@ -648,21 +648,27 @@ def _wait_until_sessions_end(deploy):
     raise AssertionError("the killed command's session did not end")
 
 
-@postgresql_only
-def test_kill_9_in_the_switch_leaves_the_database_as_before_and_a_rerun_completes(deploy):
+def _kill_9_while_it_waits_for_the_swap_lock(deploy, settings, command):
+    """Run `command` while an open transaction holds shop_order, kill -9 it as it waits for
+    the swap's LOCK TABLE, then let the blocker and the killed sessions go."""
     import psycopg
 
-    carol = legacy_user(deploy, "carol", "carol@example.com")  # for the syncs to carry
     blocker = psycopg.connect(deploy.url)
-    # An open transaction on shop_order: the switch stops at the swap's LOCK TABLE, after the
-    # final sync inside the same transaction.
     blocker.execute("LOCK TABLE shop_order IN ROW EXCLUSIVE MODE")
-    proc = deploy.popen(NEW, "cutover", "--lock-timeout", "60")
+    proc = deploy.popen(settings, command, "--lock-timeout", "60")
     _wait_for_lock_wait(deploy, SWAP_LOCK, proc)
     proc.kill()
     proc.wait()
     blocker.close()
     _wait_until_sessions_end(deploy)
+
+
+@postgresql_only
+def test_kill_9_in_the_switch_leaves_the_database_as_before_and_a_rerun_completes(deploy):
+
+    carol = legacy_user(deploy, "carol", "carol@example.com")  # for the syncs to carry
+    # The switch stops at the swap's LOCK TABLE, after the final sync in the same transaction.
+    _kill_9_while_it_waits_for_the_swap_lock(deploy, NEW, "cutover")
 
     assert deploy.references("django_admin_log")[0][0] == "account_user"
     assert deploy.references("shop_order")[0][0] == "account_user"
@@ -709,18 +715,10 @@ def test_kill_9_in_the_validation_leaves_the_cutover_done_and_a_rerun_validates(
 
 @postgresql_only
 def test_kill_9_in_the_rollback_leaves_it_cut_over_and_a_rerun_completes(deploy):
-    import psycopg
 
     deploy.cutover()
     signup = int(deploy.python(NEW, WRITES_AFTER_THE_CUTOVER).split()[-1])
-    blocker = psycopg.connect(deploy.url)
-    blocker.execute("LOCK TABLE shop_order IN ROW EXCLUSIVE MODE")
-    proc = deploy.popen(OLD, "cutover_rollback", "--lock-timeout", "60")
-    _wait_for_lock_wait(deploy, SWAP_LOCK, proc)
-    proc.kill()
-    proc.wait()
-    blocker.close()
-    _wait_until_sessions_end(deploy)
+    _kill_9_while_it_waits_for_the_swap_lock(deploy, OLD, "cutover_rollback")
 
     assert deploy.one("SELECT COUNT(*) FROM pg_trigger WHERE tgname = 'account_user_read_only'")
     assert deploy.references("shop_order")[0][0] == "account_newuser"

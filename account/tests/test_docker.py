@@ -116,26 +116,26 @@ def test_entrypoint_and_the_containers_gunicorn_command_serve_health():
         proc.wait(timeout=15)
 
 
-def test_entrypoint_gives_up_on_a_missing_database_with_a_clear_message():
-    env = container_env(DB_WAIT_TIMEOUT=2)
+def run_entrypoint_without_a_database(env):
+    """Run the entrypoint against a port nothing listens on, this venv's python on PATH."""
     env["DATABASE_URL"] = "postgres://postgres@127.0.0.1:1/nowhere"
     env["PATH"] = f"{BIN}:{env['PATH']}"
-    proc = subprocess.run(
+    return subprocess.run(
         [str(ROOT / "scripts/entrypoint.sh"), "true"], cwd=ROOT, env=env, capture_output=True,
         text=True, timeout=60,
     )  # fmt: skip
+
+
+def test_entrypoint_gives_up_on_a_missing_database_with_a_clear_message():
+    env = container_env(DB_WAIT_TIMEOUT=2)
+    proc = run_entrypoint_without_a_database(env)
     assert_clean_failure(proc, "did not accept connections within 2 s")
 
 
 @pytest.mark.parametrize("password", ["pass/word", "pass#word", "p@ss", "pass%20word"])
 def test_entrypoint_refuses_a_postgres_password_that_would_break_the_database_url(password):
     env = container_env(DB_WAIT_TIMEOUT=1, POSTGRES_PASSWORD=password)
-    env["DATABASE_URL"] = "postgres://postgres@127.0.0.1:1/nowhere"
-    env["PATH"] = f"{BIN}:{env['PATH']}"
-    proc = subprocess.run(
-        [str(ROOT / "scripts/entrypoint.sh"), "true"], cwd=ROOT, env=env, capture_output=True,
-        text=True, timeout=60,
-    )  # fmt: skip
+    proc = run_entrypoint_without_a_database(env)
     assert_clean_failure(proc, "set POSTGRES_PASSWORD in .env to URL-safe characters only")
     assert len(proc.stderr.strip().splitlines()) == 1
 

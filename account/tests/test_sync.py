@@ -35,6 +35,31 @@ def report_of(message_or_out: str) -> dict[int, dict]:
         return {int(r["legacy_id"]): r for r in csv.DictReader(f)}
 
 
+def models_now():
+    """The real models, as `copy_users` takes them."""
+    return usercopy.CopyModels(
+        legacy=User, new=NewUser, profile=Profile, state=SyncState, log=OperationLog
+    )
+
+
+def other_connection():
+    """A second connection to the test database, committing on its own (autocommit)."""
+    import psycopg
+
+    settings = connection.settings_dict
+    return psycopg.connect(
+        dbname=settings["NAME"], user=settings["USER"], host=settings["HOST"],
+        port=settings["PORT"] or 5432, password=settings["PASSWORD"], autocommit=True,
+    )  # fmt: skip
+
+
+def clean_up_after_a_transaction_test():
+    User.objects.all().delete()
+    NewUser.objects.all().delete()
+    SyncState.objects.all().delete()
+    OperationLog.objects.all().delete()
+
+
 def test_a_password_changed_in_the_legacy_table_is_carried(run, synced):
     alice, _ = synced
     alice.set_password("new-pass")
@@ -407,9 +432,7 @@ def test_after_a_restore_the_next_sync_carries_what_changed_since_the_backup(run
     run("copy_users")
     assert authenticate(username="alice", password="newer-pass").pk == alice.pk
     assert NewUser.objects.filter(username="late2").exists()
-    User.objects.all().delete()
-    NewUser.objects.all().delete()
-    SyncState.objects.all().delete()
+    clean_up_after_a_transaction_test()
 
 
 def test_migrate_refusing_the_copy_ends_in_one_line_without_a_class_name(fresh_database_url):
@@ -436,39 +459,10 @@ def test_the_sync_reads_in_one_repeatable_read_snapshot(tmp_path):
             seen.append(cursor.fetchone()[0])
 
     try:
-        models = usercopy.CopyModels(
-            legacy=User, new=NewUser, profile=Profile, state=SyncState, log=OperationLog
-        )
-        usercopy.copy_users(models, report_dir=tmp_path, on_start=on_start)
+        usercopy.copy_users(models_now(), report_dir=tmp_path, on_start=on_start)
         assert seen == ["repeatable read"]
     finally:
-        User.objects.all().delete()
-        NewUser.objects.all().delete()
-        SyncState.objects.all().delete()
-
-
-def models_now():
-    return usercopy.CopyModels(
-        legacy=User, new=NewUser, profile=Profile, state=SyncState, log=OperationLog
-    )
-
-
-def other_connection():
-    """A second connection to the test database, committing on its own (autocommit)."""
-    import psycopg
-
-    settings = connection.settings_dict
-    return psycopg.connect(
-        dbname=settings["NAME"], user=settings["USER"], host=settings["HOST"],
-        port=settings["PORT"] or 5432, password=settings["PASSWORD"], autocommit=True,
-    )  # fmt: skip
-
-
-def clean_up_after_a_transaction_test():
-    User.objects.all().delete()
-    NewUser.objects.all().delete()
-    SyncState.objects.all().delete()
-    OperationLog.objects.all().delete()
+        clean_up_after_a_transaction_test()
 
 
 @pytest.mark.django_db(transaction=True)
