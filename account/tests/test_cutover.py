@@ -714,6 +714,37 @@ def test_kill_9_in_the_validation_leaves_the_cutover_done_and_a_rerun_validates(
 
 
 @postgresql_only
+def test_a_validation_that_waits_past_the_lock_timeout_ends_in_one_line_and_a_rerun_validates(
+    deploy,
+):
+    import psycopg
+
+    first = psycopg.connect(deploy.url)
+    first.execute("LOCK TABLE shop_order IN ROW EXCLUSIVE MODE")
+    proc = deploy.popen(NEW, "cutover", "--lock-timeout", "5")
+    _wait_for_lock_wait(deploy, SWAP_LOCK, proc)
+    # Queue a lock that lets the switch through but holds up VALIDATE on shop_order.
+    second = psycopg.connect(deploy.url)
+    queued = threading.Thread(
+        target=second.execute, args=("LOCK TABLE shop_order IN SHARE UPDATE EXCLUSIVE MODE",)
+    )
+    queued.start()
+    time.sleep(0.2)
+    first.close()
+    queued.join(timeout=30)
+    output, _ = proc.communicate(timeout=120)
+    second.close()
+    proc.stdout, proc.stderr = output, ""
+    assert_clean_failure(
+        proc, "itself is done, but validating", "waited more than 5 s for a lock",
+        "Run the same command again",
+    )  # fmt: skip
+    assert [(r[0], r[2]) for r in deploy.references("shop_order")] == [("account_newuser", False)]
+    assert "2 validated" in deploy.cutover()
+    assert [(r[0], r[2]) for r in deploy.references("shop_order")] == [("account_newuser", True)]
+
+
+@postgresql_only
 def test_kill_9_in_the_rollback_leaves_it_cut_over_and_a_rerun_completes(deploy):
 
     deploy.cutover()
