@@ -1,0 +1,122 @@
+#!/usr/bin/env python
+"""Time each step of one first copy, in a transaction that is rolled back.
+
+Usage: bench/sync_steps.py [--set NAME=VALUE ...]
+
+Runs on BENCH_DATABASE_URL, like the other benchmarks (default
+postgres://postgres@127.0.0.1:5432/accounts_bench), which must hold legacy users and no copy
+yet, as `make bench-migrate N=...` leaves it (not dropped here). Every step
+of `account.usercopy.Sync` is timed; the copy runs exactly as migration 0002 runs it, in a
+REPEATABLE READ transaction, which is then rolled back: nothing is written.
+
+--set overrides a PostgreSQL setting for the copy, after the sync has set its own
+(e.g. --set work_mem=256MB); temp_buffers is set before the session's first temporary table.
+"""
+
+import argparse
+import resource
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+
+from common import setup_django
+
+STEPS = (
+    "plan", "removed_users", "find_collisions", "check_rows", "load_values", "delete_removed",
+    "write_rows", "create_profiles", "advance_sequences", "verify", "record",
+)  # fmt: skip
+INSIDE = {"load_values": "check_rows"}  # timed within another step: not added to the total
+
+
+class Rollback(Exception):
+    pass
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
+    settings = [item.split("=", 1) for item in parser.parse_args().set]
+    if any(len(item) != 2 for item in settings):
+        sys.exit("--set takes NAME=VALUE, e.g. --set work_mem=256MB")
+    setup_django()
+    from django.apps import apps
+    from django.db import connection, transaction
+
+    from account import usercopy
+
+    times: dict[str, float] = defaultdict(float)
+
+    def timed(name, function):
+        def wrapper(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                times[name] += time.perf_counter() - started
+
+        return wrapper
+
+    def apply_settings():
+        with connection.cursor() as cursor:
+            for name, value in settings:
+                if name != "temp_buffers":
+                    cursor.execute("SELECT set_config(%s, %s, true)", [name, value])
+
+    def override(function):
+        def wrapper(*args, **kwargs):
+            saved = function(*args, **kwargs)
+            apply_settings()
+            return saved
+
+        return wrapper
+
+    for name in STEPS:
+        setattr(usercopy.Sync, name, timed(name, getattr(usercopy.Sync, name)))
+    usercopy.Sync.tune = override(usercopy.Sync.tune)
+    usercopy.analyze = timed("analyze", usercopy.analyze)
+    build_after = usercopy.indexes_built_after
+
+    @contextmanager
+    def indexes_built_after(*args, **kwargs):
+        with build_after(*args, **kwargs):
+            apply_settings()  # it sets maintenance_work_mem for the index builds
+            yield
+            started = time.perf_counter()  # the indexes are built as the block ends
+        times["index builds"] += time.perf_counter() - started
+
+    usercopy.indexes_built_after = indexes_built_after
+
+    started = time.perf_counter()
+    try:
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            for name, value in settings:
+                if name == "temp_buffers":
+                    cursor.execute("SELECT set_config('temp_buffers', %s, false)", [value])
+            if usercopy.CopyModels.from_apps(apps).new.objects.exists():
+                sys.exit("NewUser already holds users: run this before the copy (migrate 0001).")
+            with tempfile.TemporaryDirectory() as report_dir:
+                try:
+                    result = usercopy.copy_users(
+                        usercopy.CopyModels.from_apps(apps), report_dir=report_dir
+                    )
+                except usercopy.CopyError as exc:
+                    sys.exit(f"The copy refused: {exc}")
+            total = time.perf_counter() - started
+            raise Rollback
+    except Rollback:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"{result.lines()[0]}\nrolled back; in all {total:.1f} s, peak RSS {rss:.0f} MB")
+    for name in (*STEPS, "analyze", "index builds"):
+        if name in times:
+            inside = f" (within {INSIDE[name]})" if name in INSIDE else ""
+            print(f"  {name:<20} {times[name]:7.1f} s{inside}")
+    counted = sum(v for k, v in times.items() if k not in INSIDE)
+    print(f"  {'other':<20} {total - counted:7.1f} s")
+
+
+if __name__ == "__main__":
+    main()
