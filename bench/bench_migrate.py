@@ -5,17 +5,19 @@ Usage: bench/bench_migrate.py [N]      (make bench-migrate N=1000000; default 1,
 
 Steps, each measured in its own process (wall seconds, users/s, peak RSS), twice: on a new
 database of N/10 legacy users, then on one of N (1% of them in a group, and VACUUM (ANALYZE)
-after loading, as autovacuum has long since done on a live database):
-  - the pre-flight (`check_user_migration`), at N only;
+after loading, as a live database has long been vacuumed):
+  - the SQL baselines (below), each followed by a TRUNCATE of the new tables;
+  - the pre-flight (`check_user_migration`);
   - the copy, `migrate account 0002`;
   - re-syncs (`copy_users`): with nothing changed, then with 1% of the legacy users changed
     (password, email, flags, name) and 0.1% deleted; the simplest alternative is copying
     everything again, so the full copy is their baseline;
   - the way back, `migrate account 0001`.
 N against N/10 shows how time and memory grow with the table (goal: time at most 11x for ten
-times the users, peak RSS the same). And, in the same run, the same copy as plain SQL
+times the users, peak RSS the same). The SQL baselines are the same copy as plain SQL
 (INSERT ... SELECT for users, profiles and group links, plus the count checks), once into the
-indexed tables and once loading first and building the indexes after, as the copy does. The SQL runs in a transaction that is rolled back.
+indexed tables and once loading first and building the indexes after, as the copy does; each
+runs in a transaction that is rolled back.
 """
 
 import sys
@@ -52,13 +54,25 @@ def add_groups() -> None:
 
 
 def settle() -> None:
-    """VACUUM (ANALYZE) the database, as autovacuum long since has on a live project: a table
-    just bulk-loaded would otherwise be vacuumed by autovacuum in the middle of a measurement,
-    at a moment that varies from run to run."""
+    """VACUUM (ANALYZE) the database after loading it, as a live database has long been: the
+    rows' hint bits set, the visibility map and the statistics up to date. Without it the first
+    step to read the fresh rows pays for that, and which step it is differs between the sizes
+    measured (the pre-flight, or the copy)."""
     from django.db import connection
 
     with connection.cursor() as cursor:
         cursor.execute("VACUUM (ANALYZE)")
+
+
+def empty_new_tables() -> None:
+    """Truncate the new-side tables: a rolled-back load leaves its dead rows' pages behind."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "TRUNCATE account_newuser, account_profile, account_newuser_groups, "
+            "account_newuser_user_permissions, account_syncstate CASCADE"
+        )
 
 
 def change_one_percent() -> None:
@@ -105,9 +119,9 @@ def sql_limit(build_indexes_after: bool) -> float:
     return time.perf_counter() - started
 
 
-def stage(n: int, name: str, *, preflight: bool = False) -> dict[str, Measured]:
-    """A new database with n legacy users (1% in a group), settled; the copy, the two
-    re-syncs and the way back, each measured."""
+def stage(n: int, name: str) -> dict[str, Measured]:
+    """A new database with n legacy users (1% in a group), vacuumed; then, each measured: the
+    SQL baselines, the pre-flight, the copy, the two re-syncs and the way back."""
     from django.db import connections
 
     connections.close_all()  # the database is dropped under this process's connection
@@ -117,10 +131,11 @@ def stage(n: int, name: str, *, preflight: bool = False) -> dict[str, Measured]:
     add_groups()
     settle()
     runs = {}
-    if preflight:
-        runs["check"] = manage(
-            f"@{n} pre-flight check_user_migration {name}", "check_user_migration"
-        )
+    for key, after, label in (("sql_indexed", False, "indexed tables"),
+                              ("sql_after", True, "indexes built after")):  # fmt: skip
+        runs[key] = Measured(f"@{n} SQL INSERT ... SELECT {name}, {label}", sql_limit(after), 0)
+        empty_new_tables()
+    runs["check"] = manage(f"@{n} pre-flight {name} (check_user_migration)", "check_user_migration")
     runs["copy"] = manage(f"@{n} copy {name} (migrate account 0002)", "migrate", "account", "0002")
     runs["resync"] = manage(f"@{n} re-sync {name}, nothing changed (copy_users)", "copy_users")
     change_one_percent()
@@ -129,34 +144,44 @@ def stage(n: int, name: str, *, preflight: bool = False) -> dict[str, Measured]:
     return runs
 
 
+GROWTH = (
+    ("check", "pre-flight"),
+    ("copy", "copy"),
+    ("resync", "re-sync, nothing changed"),
+    ("resync_1", "re-sync, 1% changed"),
+    ("undo", "the way back"),
+    ("sql_indexed", "SQL, indexed tables"),
+    ("sql_after", "SQL, indexes built after"),
+)
+
+
 def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000
     setup_django()
     small = stage(n // 10, "N/10")
-    full = stage(n, "N", preflight=True)
-    limit_indexed = Measured(f"@{n} SQL INSERT ... SELECT, indexed tables", sql_limit(False), 0)
-    limit_after = Measured(f"@{n} SQL INSERT ... SELECT, indexes built after", sql_limit(True), 0)
+    full = stage(n, "N")
     report("User copy: users + profiles + groups + verification", n,
-           [*small.values(), *full.values(), limit_indexed, limit_after])  # fmt: skip
-    copy = full["copy"]
-    print(
-        f"\n  copy of N: {copy.seconds:.1f} s = {copy.seconds / limit_after.seconds:.1f}x the SQL "
-        f"limit with the same index strategy, {copy.seconds / limit_indexed.seconds:.1f}x plain "
-        f"INSERT ... SELECT into indexed tables"
-    )
-    print("  N against N/10, in this run (time ratio; peak RSS at N/10 -> at N):")
-    for key, what in (("copy", "copy"), ("resync", "re-sync, nothing changed"),
-                      ("resync_1", "re-sync, 1% changed")):  # fmt: skip
-        a, b = small[key], full[key]
+           [*small.values(), *full.values()])  # fmt: skip
+    print()
+    for runs, name in ((small, "N/10"), (full, "N")):
+        copy = runs["copy"].seconds
         print(
-            f"    {what:<26} {b.seconds / a.seconds:5.1f}x   {a.rss_mb:.0f} MB -> {b.rss_mb:.0f} MB"
+            f"  copy of {name}: {copy:.1f} s = {copy / runs['sql_after'].seconds:.1f}x the SQL "
+            f"copy with the same index strategy, {copy / runs['sql_indexed'].seconds:.1f}x plain "
+            f"INSERT ... SELECT into indexed tables"
         )
+    print("  N against N/10, in this run (time ratio; peak RSS at N/10 -> at N):")
+    for key, what in GROWTH:
+        a, b = small[key], full[key]
+        rss = f"{a.rss_mb:.0f} MB -> {b.rss_mb:.0f} MB" if a.rss_mb else ""
+        print(f"    {what:<26} {b.seconds / a.seconds:5.1f}x   {rss}")
+    copy, resync, resync_1 = full["copy"], full["resync"], full["resync_1"]
     print(
-        f"  re-sync, nothing changed: {full['resync'].seconds:.1f} s "
-        f"({copy.seconds / full['resync'].seconds:.0f}x faster than copying again); 1% changed: "
-        f"{full['resync_1'].seconds:.1f} s ({copy.seconds / full['resync_1'].seconds:.0f}x faster)"
+        f"  re-sync, nothing changed: {resync.seconds:.1f} s ({copy.seconds / resync.seconds:.0f}x "
+        f"faster than copying again); 1% changed: {resync_1.seconds:.1f} s "
+        f"({copy.seconds / resync_1.seconds:.0f}x faster)"
     )
-    print(f"  {[line.strip() for line in full['resync_1'].output.splitlines()][:2]}")
+    print(f"  {[line.strip() for line in resync_1.output.splitlines()][:2]}")
     summary = [line.strip() for line in copy.output.splitlines() if "insert" in line]
     print(f"  {summary[0] if summary else ''}")
 

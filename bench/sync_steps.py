@@ -5,18 +5,21 @@ Usage: bench/sync_steps.py [--set NAME=VALUE ...]
 
 Runs on BENCH_DATABASE_URL, like the other benchmarks (default
 postgres://postgres@127.0.0.1:5432/accounts_bench), which must hold legacy users and no copy
-yet, as `make bench-migrate N=...` leaves it (not dropped here). Every step
-of `account.usercopy.Sync` is timed; the copy runs exactly as migration 0002 runs it, in a
-REPEATABLE READ transaction, which is then rolled back: nothing is written.
+yet, as `make bench-migrate N=...` leaves it (not dropped here). It runs VACUUM (ANALYZE)
+first, as the bench does after loading. Then the copy runs as migration 0002 runs it
+(REPEATABLE READ, USER_COPY_SKIP_INVALID, the report in REPORT_DIR), but with the current
+models and in a savepoint of this script's transaction, as the cut-over runs it; every step of
+`account.usercopy.Sync` is timed, and the transaction is rolled back. Nothing stays written
+but the id sequences, which PostgreSQL never rolls back.
 
---set overrides a PostgreSQL setting for the copy, after the sync has set its own
-(e.g. --set work_mem=256MB); temp_buffers is set before the session's first temporary table.
+--set overrides a PostgreSQL setting for the copy, after the sync and the index builds have
+set their own (e.g. --set work_mem=256MB); temp_buffers is set before the session's first
+temporary table.
 """
 
 import argparse
 import resource
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -34,14 +37,21 @@ class Rollback(Exception):
     pass
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
-    settings = [item.split("=", 1) for item in parser.parse_args().set]
-    if any(len(item) != 2 for item in settings):
-        sys.exit("--set takes NAME=VALUE, e.g. --set work_mem=256MB")
-    setup_django()
+def check_settings(settings) -> None:
+    """Try each --set in a transaction of its own; exit naming the first one refused."""
+    from django.db import DatabaseError, connection, transaction
+
+    for name, value in settings:
+        try:
+            with transaction.atomic(), connection.cursor() as cursor:
+                cursor.execute("SELECT set_config(%s, %s, true)", [name, value])
+        except DatabaseError as exc:
+            sys.exit(f"--set {name}={value}: {str(exc).splitlines()[0]}")
+
+
+def run(settings) -> None:
     from django.apps import apps
+    from django.conf import settings as django_settings
     from django.db import connection, transaction
 
     from account import usercopy
@@ -83,11 +93,16 @@ def main() -> None:
         with build_after(*args, **kwargs):
             apply_settings()  # it sets maintenance_work_mem for the index builds
             yield
-            started = time.perf_counter()  # the indexes are built as the block ends
+            started = time.perf_counter()  # the indexes and constraints are built as it ends
         times["index builds"] += time.perf_counter() - started
 
     usercopy.indexes_built_after = indexes_built_after
 
+    models = usercopy.CopyModels.from_apps(apps)
+    if models.new.objects.exists():
+        sys.exit("NewUser already holds users: run this before the copy (migrate account 0001).")
+    with connection.cursor() as cursor:
+        cursor.execute("VACUUM (ANALYZE)")
     started = time.perf_counter()
     try:
         with transaction.atomic(), connection.cursor() as cursor:
@@ -95,27 +110,45 @@ def main() -> None:
             for name, value in settings:
                 if name == "temp_buffers":
                     cursor.execute("SELECT set_config('temp_buffers', %s, false)", [value])
-            if usercopy.CopyModels.from_apps(apps).new.objects.exists():
-                sys.exit("NewUser already holds users: run this before the copy (migrate 0001).")
-            with tempfile.TemporaryDirectory() as report_dir:
-                try:
-                    result = usercopy.copy_users(
-                        usercopy.CopyModels.from_apps(apps), report_dir=report_dir
-                    )
-                except usercopy.CopyError as exc:
-                    sys.exit(f"The copy refused: {exc}")
+            try:
+                result = usercopy.copy_users(
+                    models,
+                    skip_invalid=django_settings.USER_COPY_SKIP_INVALID,
+                    report_dir=django_settings.REPORT_DIR,
+                )
+            except usercopy.CopyError as exc:
+                sys.exit(f"The copy refused: {exc}")
             total = time.perf_counter() - started
             raise Rollback
     except Rollback:
         pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"{result.lines()[0]}\nrolled back; in all {total:.1f} s, peak RSS {rss:.0f} MB")
+    if models.new.objects.exists():
+        sys.exit("NewUser holds users after the rollback: this run wrote something.")
+    print(f"{result.lines()[0]}\nrolled back, NewUser empty again; in all {total:.1f} s, "
+          f"peak RSS {rss:.0f} MB")  # fmt: skip
     for name in (*STEPS, "analyze", "index builds"):
         if name in times:
             inside = f" (within {INSIDE[name]})" if name in INSIDE else ""
             print(f"  {name:<20} {times[name]:7.1f} s{inside}")
     counted = sum(v for k, v in times.items() if k not in INSIDE)
     print(f"  {'other':<20} {total - counted:7.1f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
+    settings = [item.split("=", 1) for item in parser.parse_args().set]
+    if any(len(item) != 2 for item in settings):
+        sys.exit("--set takes NAME=VALUE, e.g. --set work_mem=256MB")
+    setup_django()
+    from django.db import OperationalError
+
+    try:
+        check_settings(settings)
+        run(settings)
+    except OperationalError as exc:
+        sys.exit(f"Cannot use the database ({str(exc).splitlines()[0]})")
 
 
 if __name__ == "__main__":
