@@ -3,9 +3,9 @@
 
 Usage: bench/bench_migrate.py [N]      (make bench-migrate N=1000000; default 1,000,000)
 
-Steps, each measured in its own process (wall seconds, users/s, peak RSS), twice: on a new
-database of N/10 legacy users, then on one of N (1% of them in a group, and VACUUM (ANALYZE)
-after loading, as a live database has long been vacuumed):
+Steps, each measured in its own process (wall seconds, users/s, peak RSS; the SQL baselines
+in this one), twice: on a new database of N/10 legacy users, then on one of N (1% of them in a
+group, and VACUUM (ANALYZE) after loading, as a live database has long been vacuumed):
   - the SQL baselines (below), each followed by a TRUNCATE of the new tables;
   - the pre-flight (`check_user_migration`);
   - the copy, `migrate account 0002`;
@@ -14,7 +14,7 @@ after loading, as a live database has long been vacuumed):
     everything again, so the full copy is their baseline;
   - the way back, `migrate account 0001`.
 N against N/10 shows how time and memory grow with the table (goal: time at most 11x for ten
-times the users, peak RSS the same). The SQL baselines are the same copy as plain SQL
+times the users, peak RSS the same within 10%). The SQL baselines are the same copy as plain SQL
 (INSERT ... SELECT for users, profiles and group links, plus the count checks), once into the
 indexed tables and once loading first and building the indexes after, as the copy does; each
 runs in a transaction that is rolled back.
