@@ -682,13 +682,14 @@ def test_kill_9_in_the_switch_leaves_the_database_as_before_and_a_rerun_complete
     assert [(r[0], r[2]) for r in deploy.references("shop_order")] == [("account_newuser", True)]
 
 
-@postgresql_only
-def test_kill_9_in_the_validation_leaves_the_cutover_done_and_a_rerun_validates(deploy):
+def _cutover_held_at_validate(deploy, lock_timeout):
+    """Start a cut-over whose switch goes through but whose VALIDATE on shop_order waits for a
+    lock; returns the process and the connection holding that lock (close it to let go)."""
     import psycopg
 
     first = psycopg.connect(deploy.url)
     first.execute("LOCK TABLE shop_order IN ROW EXCLUSIVE MODE")
-    proc = deploy.popen(NEW, "cutover", "--lock-timeout", "60")
+    proc = deploy.popen(NEW, "cutover", "--lock-timeout", str(lock_timeout))
     _wait_for_lock_wait(deploy, SWAP_LOCK, proc)
     # Queue a lock that lets the switch through but holds up VALIDATE on shop_order.
     second = psycopg.connect(deploy.url)
@@ -699,6 +700,12 @@ def test_kill_9_in_the_validation_leaves_the_cutover_done_and_a_rerun_validates(
     time.sleep(0.2)
     first.close()
     queued.join(timeout=30)
+    return proc, second
+
+
+@postgresql_only
+def test_kill_9_in_the_validation_leaves_the_cutover_done_and_a_rerun_validates(deploy):
+    proc, second = _cutover_held_at_validate(deploy, 60)
     _wait_for_lock_wait(deploy, "ALTER TABLE shop_order VALIDATE", proc)
     proc.kill()
     proc.wait()
@@ -717,21 +724,7 @@ def test_kill_9_in_the_validation_leaves_the_cutover_done_and_a_rerun_validates(
 def test_a_validation_that_waits_past_the_lock_timeout_ends_in_one_line_and_a_rerun_validates(
     deploy,
 ):
-    import psycopg
-
-    first = psycopg.connect(deploy.url)
-    first.execute("LOCK TABLE shop_order IN ROW EXCLUSIVE MODE")
-    proc = deploy.popen(NEW, "cutover", "--lock-timeout", "5")
-    _wait_for_lock_wait(deploy, SWAP_LOCK, proc)
-    # Queue a lock that lets the switch through but holds up VALIDATE on shop_order.
-    second = psycopg.connect(deploy.url)
-    queued = threading.Thread(
-        target=second.execute, args=("LOCK TABLE shop_order IN SHARE UPDATE EXCLUSIVE MODE",)
-    )
-    queued.start()
-    time.sleep(0.2)
-    first.close()
-    queued.join(timeout=30)
+    proc, second = _cutover_held_at_validate(deploy, 5)
     output, _ = proc.communicate(timeout=120)
     second.close()
     proc.stdout, proc.stderr = output, ""
