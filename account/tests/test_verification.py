@@ -38,19 +38,20 @@ def legacy_users():
     return users
 
 
-def plant(monkeypatch, corrupt):
-    """Let the sync's write step run, then `corrupt()` what it wrote, before verification.
+def plant(monkeypatch, corrupt, step="write_rows"):
+    """Let one step of the sync run (its write, by default), then `corrupt()` what it wrote,
+    before verification.
 
     `corrupt` changes rows with queryset updates, which leave `updated_at` as the sync set
     it: the rows still look like this run's writes.
     """
-    real = usercopy.Sync.write_rows
+    real = getattr(usercopy.Sync, step)
 
-    def corrupting(self):
-        real(self)
+    def corrupting(self, *args):
+        real(self, *args)
         corrupt()
 
-    monkeypatch.setattr(usercopy.Sync, "write_rows", corrupting)
+    monkeypatch.setattr(usercopy.Sync, step, corrupting)
 
 
 def second(**values):
@@ -138,13 +139,11 @@ def test_a_lost_user_is_caught(run, legacy_users, monkeypatch):
 
 
 def test_a_missing_profile_is_caught(run, legacy_users, monkeypatch):
-    real = usercopy.Sync.create_profiles
-
-    def losing_one(self):
-        real(self)
-        Profile.objects.filter(user__username="user0").delete()
-
-    monkeypatch.setattr(usercopy.Sync, "create_profiles", losing_one)
+    plant(
+        monkeypatch,
+        lambda: Profile.objects.filter(user__username="user0").delete(),
+        step="create_profiles",
+    )
     assert_rolled_back(run, "2 profiles for 3 inserted users")
 
 
@@ -152,13 +151,11 @@ def test_a_deleted_user_left_on_the_new_side_is_caught(run, legacy_users, monkey
     run("copy_users")
     gone = legacy_users[0]
     User.objects.filter(pk=gone.pk).delete()
-    real = usercopy.Sync.delete_removed
-
-    def keeping_it(self, removed):
-        real(self, removed)
-        NewUser.objects.create(pk=gone.pk, username="user0", email="user0@example.com")
-
-    monkeypatch.setattr(usercopy.Sync, "delete_removed", keeping_it)
+    plant(
+        monkeypatch,
+        lambda: NewUser.objects.create(pk=gone.pk, username="user0", email="user0@example.com"),
+        step="delete_removed",
+    )
     with pytest.raises(CommandError, match="Verification failed.*deleted users still"):
         run("copy_users")
     assert NewUser.objects.filter(pk=gone.pk).exists()  # as the first sync left it
