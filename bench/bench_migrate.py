@@ -4,8 +4,10 @@
 Usage: bench/bench_migrate.py [N]      (make bench-migrate N=1000000; default 1,000,000)
 
 Steps, each measured in its own process (wall seconds, users/s, peak RSS; the SQL baselines
-in this one), twice: on a new database of N/10 legacy users, then on one of N (1% of them in a
-group, and VACUUM (ANALYZE) after loading, as a live database has long been vacuumed):
+in this one) after a CHECKPOINT, so that none pays for writing back what the step before it
+left dirty, with the WAL it wrote and the checkpoints that volume started. Twice: on a new
+database of N/10 legacy users, then on one of N (1% of them in a group, and VACUUM (ANALYZE)
+after loading, as a live database has long been vacuumed):
   - the SQL baselines (below), each followed by a TRUNCATE of the new tables;
   - the pre-flight (`check_user_migration`);
   - the copy, `migrate account 0002`;
@@ -23,7 +25,7 @@ runs in a transaction that is rolled back.
 import sys
 import time
 
-from common import Measured, manage, recreate_database, report, setup_django
+from common import Measured, manage, on_clean_server, recreate_database, report, setup_django
 
 SQL_COPY = [
     """INSERT INTO account_newuser (id, password, last_login, is_superuser, username, email,
@@ -133,14 +135,19 @@ def stage(n: int, name: str) -> dict[str, Measured]:
     runs = {}
     for key, after, label in (("sql_indexed", False, "indexed tables"),
                               ("sql_after", True, "indexes built after")):  # fmt: skip
-        runs[key] = Measured(f"@{n} SQL INSERT ... SELECT {name}, {label}", sql_limit(after), 0)
+        label = f"@{n} SQL INSERT ... SELECT {name}, {label}"
+        runs[key] = on_clean_server(lambda a=after, t=label: Measured(t, sql_limit(a), 0))
         empty_new_tables()
-    runs["check"] = manage(f"@{n} pre-flight {name} (check_user_migration)", "check_user_migration")
-    runs["copy"] = manage(f"@{n} copy {name} (migrate account 0002)", "migrate", "account", "0002")
-    runs["resync"] = manage(f"@{n} re-sync {name}, nothing changed (copy_users)", "copy_users")
+
+    def step(key, label, *args):
+        runs[key] = on_clean_server(lambda: manage(f"@{n} {label}", *args))
+
+    step("check", f"pre-flight {name} (check_user_migration)", "check_user_migration")
+    step("copy", f"copy {name} (migrate account 0002)", "migrate", "account", "0002")
+    step("resync", f"re-sync {name}, nothing changed (copy_users)", "copy_users")
     change_one_percent()
-    runs["resync_1"] = manage(f"@{n} re-sync {name}, 1% changed, 0.1% deleted", "copy_users")
-    runs["undo"] = manage(f"@{n} undo {name} (migrate account 0001)", "migrate", "account", "0001")
+    step("resync_1", f"re-sync {name}, 1% changed, 0.1% deleted", "copy_users")
+    step("undo", f"undo {name} (migrate account 0001)", "migrate", "account", "0001")
     return runs
 
 

@@ -26,6 +26,8 @@ class Measured:
     seconds: float
     rss_mb: float
     output: str = ""
+    wal_mb: float | None = None  # WAL written while it ran (server-wide), when measured
+    checkpoints: int | None = None  # checkpoints PostgreSQL had to start for WAL volume
 
 
 def recreate_database(url: str = BENCH_URL) -> None:
@@ -68,6 +70,32 @@ def manage(label: str, *args: str, **extra) -> Measured:
     return measure(label, ["manage.py", *args], **extra)
 
 
+def wal_and_checkpoints(cursor) -> tuple[int, int]:
+    """WAL written so far (bytes) and checkpoints requested so far, server-wide."""
+    cursor.execute(
+        "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint, checkpoints_req "
+        "FROM pg_stat_bgwriter"
+    )
+    return cursor.fetchone()
+
+
+def on_clean_server(step):
+    """Run `step()` (returning a Measured) after a CHECKPOINT, so it does not pay for writing
+    back what the step before it left dirty, and add the WAL it wrote and the checkpoints that
+    volume started. Needs Django set up on the bench database (setup_django)."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("CHECKPOINT")
+        wal, checkpoints = wal_and_checkpoints(cursor)
+    measured = step()
+    with connection.cursor() as cursor:
+        wal_after, checkpoints_after = wal_and_checkpoints(cursor)
+    measured.wal_mb = (wal_after - wal) / 2**20
+    measured.checkpoints = checkpoints_after - checkpoints
+    return measured
+
+
 def setup_django() -> None:
     os.environ.update(env())
     import django
@@ -77,10 +105,15 @@ def setup_django() -> None:
 
 def report(title: str, n: int, rows: list[Measured], per: str = "users") -> None:
     print(f"\n{title} (N = {n:,}, PostgreSQL, {os.cpu_count()} cores)")
-    print(f"  {'step':<52} {'seconds':>8} {per + '/s':>12} {'peak RSS MB':>12}")
+    wal = any(m.wal_mb is not None for m in rows)
+    print(f"  {'step':<52} {'seconds':>8} {per + '/s':>12} {'peak RSS MB':>12}"
+          + (f" {'WAL MB':>8} {'ckpts':>6}" if wal else ""))  # fmt: skip
     for m in rows:
         count = n if not m.label.startswith("@") else int(m.label[1:].split()[0])
         label = m.label.split(" ", 1)[1] if m.label.startswith("@") else m.label
         rate = f"{count / m.seconds:,.0f}" if m.seconds else "-"
         rss = f"{m.rss_mb:.0f}" if m.rss_mb else "-"
-        print(f"  {label:<52} {m.seconds:>8.1f} {rate:>12} {rss:>12}")
+        line = f"  {label:<52} {m.seconds:>8.1f} {rate:>12} {rss:>12}"
+        if wal:
+            line += f" {m.wal_mb:>8,.0f} {m.checkpoints:>6}" if m.wal_mb is not None else ""
+        print(line)

@@ -6,7 +6,8 @@ Usage: bench/sync_steps.py [--set NAME=VALUE ...]
 Runs on BENCH_DATABASE_URL, like the other benchmarks (default
 postgres://postgres@127.0.0.1:5432/accounts_bench), which must hold legacy users and no copy
 yet, as `make bench-migrate N=...` leaves it (not dropped here). It runs VACUUM (ANALYZE)
-first, as the bench does after loading. Then the copy runs as migration 0002 runs it
+first, as the bench does after loading, and a CHECKPOINT, as the bench does before each step;
+it prints the WAL the copy wrote and the checkpoints that volume started. Then the copy runs as migration 0002 runs it
 (REPEATABLE READ, USER_COPY_SKIP_INVALID, the report in REPORT_DIR), but with the current
 models and in a savepoint of this script's transaction, as the cut-over runs it; every step of
 `account.usercopy.Sync` is timed, and the transaction is rolled back. Nothing stays written
@@ -24,7 +25,7 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager
 
-from common import setup_django
+from common import setup_django, wal_and_checkpoints
 
 STEPS = (
     "plan", "removed_users", "find_collisions", "check_rows", "load_values", "delete_removed",
@@ -103,6 +104,8 @@ def run(settings) -> None:
         sys.exit("NewUser already holds users: run this before the copy (migrate account 0001).")
     with connection.cursor() as cursor:
         cursor.execute("VACUUM (ANALYZE)")
+        cursor.execute("CHECKPOINT")
+        before = wal_and_checkpoints(cursor)
     started = time.perf_counter()
     try:
         with transaction.atomic(), connection.cursor() as cursor:
@@ -122,11 +125,15 @@ def run(settings) -> None:
             raise Rollback
     except Rollback:
         pass
+    with connection.cursor() as cursor:
+        after = wal_and_checkpoints(cursor)
+    wal_bytes, checkpoints = (b - a for a, b in zip(before, after, strict=True))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if models.new.objects.exists():
         sys.exit("NewUser holds users after the rollback: this run wrote something.")
     print(f"{result.lines()[0]}\nrolled back, NewUser empty again; in all {total:.1f} s, "
-          f"peak RSS {rss:.0f} MB")  # fmt: skip
+          f"peak RSS {rss:.0f} MB; {wal_bytes / 2**20:,.0f} MB of WAL, {checkpoints} checkpoints "
+          f"requested by WAL volume")  # fmt: skip
     for name in (*STEPS, "analyze", "index builds"):
         if name in times:
             inside = f" (within {INSIDE[name]})" if name in INSIDE else ""
