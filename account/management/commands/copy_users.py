@@ -7,7 +7,7 @@ from account.dbutil import table_exists
 from account.management.base import OneLineErrorCommand
 from account.models import NewUser, OperationLog, Profile, SyncState, User
 from account.progress import progress
-from account.usercopy import CopyError, CopyModels, copy_users
+from account.usercopy import BATCH, CopyError, CopyModels, copy_users
 
 
 class Command(OneLineErrorCommand):
@@ -32,8 +32,9 @@ class Command(OneLineErrorCommand):
         parser.add_argument(
             "--batch-size",
             type=int,
-            default=20_000,
-            help="Legacy rows read and written per batch (default: 20000).",
+            default=BATCH,
+            help=f"Legacy rows read, checked and written per batch (default: {BATCH}); "
+            "memory holds about two batches.",
         )
         if not self.dry_run_default:
             parser.add_argument(
