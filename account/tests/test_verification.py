@@ -59,9 +59,9 @@ def second(**values):
     return lambda: NewUser.objects.filter(username="user1").update(**values)
 
 
-def assert_rolled_back(run, match):
+def assert_rolled_back(run, match, *args):
     with pytest.raises(CommandError, match=f"Verification failed.*{match}"):
-        run("copy_users")
+        run("copy_users", *args)
     assert NewUser.objects.count() == 0 and Profile.objects.count() == 0
     assert OperationLog.objects.get(kind="copy").ok is False
 
@@ -74,6 +74,21 @@ def test_a_wholly_lowercased_email_is_caught(run, legacy_users, monkeypatch):
 def test_a_wrong_phone_is_caught(run, legacy_users, monkeypatch):
     plant(monkeypatch, second(phone_number="+9779841234599"))
     assert_rolled_back(run, "phone numbers differ")
+
+
+def test_the_email_and_phone_check_reads_past_the_first_batch(run, legacy_users, monkeypatch):
+    """The emails and phones are checked in Python, streamed in batches of --batch-size."""
+    last = legacy_users[-1].pk
+    plant(
+        monkeypatch,
+        lambda: NewUser.objects.filter(pk=last).update(
+            email=Lower("email"), phone_number="+9779841234599"
+        ),
+    )
+    assert_rolled_back(
+        run, rf"emails differ for new users \[{last}\].*phone numbers differ for new users "
+        rf"\[{last}\]", "--batch-size", "1",
+    )  # fmt: skip
 
 
 def test_dropped_microseconds_are_caught(run, legacy_users, monkeypatch):

@@ -33,8 +33,9 @@ class Command(OneLineErrorCommand):
             "--batch-size",
             type=int,
             default=BATCH,
-            help=f"Legacy rows read, checked and written per batch (default: {BATCH}); "
-            "memory holds about two batches.",
+            help=f"Rows streamed through Python per batch: the legacy rows checked, then the "
+            f"new rows verified (default: {BATCH}). Memory holds about two batches, plus the "
+            "ids of rejected and deleted users.",
         )
         if not self.dry_run_default:
             parser.add_argument(
