@@ -27,7 +27,8 @@ class Measured:
     rss_mb: float
     output: str = ""
     wal_mb: float | None = None  # WAL written while it ran (server-wide), when measured
-    checkpoints: int | None = None  # checkpoints PostgreSQL had to start for WAL volume
+    checkpoints: int | None = None  # checkpoints started while it ran (any cause)
+    write_back: float | None = None  # seconds of a CHECKPOINT right after it (not in seconds)
 
 
 def recreate_database(url: str = BENCH_URL) -> None:
@@ -71,26 +72,55 @@ def manage(label: str, *args: str, **extra) -> Measured:
 
 
 def wal_and_checkpoints(cursor) -> tuple[int, int]:
-    """WAL written so far (bytes) and checkpoints requested so far, server-wide."""
+    """WAL inserted so far (bytes) and checkpoints started so far (timed or requested, by WAL
+    volume or by anyone's CHECKPOINT), server-wide."""
+    cursor.execute("SELECT current_setting('server_version_num')::int >= 170000")
+    counters = (
+        "(SELECT num_timed + num_requested FROM pg_stat_checkpointer)"
+        if cursor.fetchone()[0]
+        else "(SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter)"
+    )
     cursor.execute(
-        "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint, checkpoints_req "
-        "FROM pg_stat_bgwriter"
+        f"SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint, {counters}"
     )
     return cursor.fetchone()
 
 
+def checkpoint(cursor) -> None:
+    """CHECKPOINT, then wait until the statistics count it (the checkpointer may answer before
+    it reports), so that it is not counted in the next step."""
+    _, before = wal_and_checkpoints(cursor)
+    cursor.execute("CHECKPOINT")
+    for _ in range(100):
+        cursor.execute("SELECT pg_stat_clear_snapshot()")
+        if wal_and_checkpoints(cursor)[1] > before:
+            return
+        time.sleep(0.05)
+
+
 def on_clean_server(step):
-    """Run `step()` (returning a Measured) after a CHECKPOINT, so it does not pay for writing
-    back what the step before it left dirty, and add the WAL it wrote and the checkpoints that
-    volume started. Needs Django set up on the bench database (setup_django)."""
+    """Run `step()` (returning a Measured) between two CHECKPOINTs and add what it wrote.
+
+    The CHECKPOINT before makes every step start with nothing dirty, so none pays for writing
+    back what the step before it left. The one after is timed as the step's write-back: the
+    dirty pages it left, which a live server writes back later; it is reported, not added to
+    the step's time. Also added: the WAL the server inserted while the step ran and the
+    checkpoints started meanwhile (any cause; the ones the bench runs are not counted).
+    Needs Django set up on the bench database (setup_django) and a role allowed to run
+    CHECKPOINT (a superuser, or pg_checkpoint on PostgreSQL 15 and later).
+    """
     from django.db import connection
 
     with connection.cursor() as cursor:
-        cursor.execute("CHECKPOINT")
+        checkpoint(cursor)
         wal, checkpoints = wal_and_checkpoints(cursor)
     measured = step()
     with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_stat_clear_snapshot()")
         wal_after, checkpoints_after = wal_and_checkpoints(cursor)
+        started = time.perf_counter()
+        checkpoint(cursor)
+        measured.write_back = time.perf_counter() - started
     measured.wal_mb = (wal_after - wal) / 2**20
     measured.checkpoints = checkpoints_after - checkpoints
     return measured
@@ -107,13 +137,13 @@ def report(title: str, n: int, rows: list[Measured], per: str = "users") -> None
     print(f"\n{title} (N = {n:,}, PostgreSQL, {os.cpu_count()} cores)")
     wal = any(m.wal_mb is not None for m in rows)
     print(f"  {'step':<52} {'seconds':>8} {per + '/s':>12} {'peak RSS MB':>12}"
-          + (f" {'WAL MB':>8} {'ckpts':>6}" if wal else ""))  # fmt: skip
+          + (f" {'WAL MB':>8} {'ckpts':>6} {'write-back s':>12}" if wal else ""))  # fmt: skip
     for m in rows:
         count = n if not m.label.startswith("@") else int(m.label[1:].split()[0])
         label = m.label.split(" ", 1)[1] if m.label.startswith("@") else m.label
         rate = f"{count / m.seconds:,.0f}" if m.seconds else "-"
         rss = f"{m.rss_mb:.0f}" if m.rss_mb else "-"
         line = f"  {label:<52} {m.seconds:>8.1f} {rate:>12} {rss:>12}"
-        if wal:
-            line += f" {m.wal_mb:>8,.0f} {m.checkpoints:>6}" if m.wal_mb is not None else ""
+        if wal and m.wal_mb is not None:
+            line += f" {m.wal_mb:>8,.0f} {m.checkpoints:>6} {m.write_back:>12.1f}"
         print(line)

@@ -6,12 +6,13 @@ Usage: bench/sync_steps.py [--set NAME=VALUE ...]
 Runs on BENCH_DATABASE_URL, like the other benchmarks (default
 postgres://postgres@127.0.0.1:5432/accounts_bench), which must hold legacy users and no copy
 yet, as `make bench-migrate N=...` leaves it (not dropped here). It runs VACUUM (ANALYZE)
-first, as the bench does after loading, and a CHECKPOINT, as the bench does before each step;
-it prints the WAL the copy wrote and the checkpoints that volume started. Then the copy runs as migration 0002 runs it
-(REPEATABLE READ, USER_COPY_SKIP_INVALID, the report in REPORT_DIR), but with the current
+first, as the bench does after loading, and a CHECKPOINT, as the bench does before each step
+(CHECKPOINT needs a superuser, or pg_checkpoint on PostgreSQL 15 and later). Then the copy
+runs as migration 0002 runs it (REPEATABLE READ, USER_COPY_SKIP_INVALID, the report in REPORT_DIR), but with the current
 models and in a savepoint of this script's transaction, as the cut-over runs it; every step of
 `account.usercopy.Sync` is timed, and the transaction is rolled back. Nothing stays written
-but the id sequences, which PostgreSQL never rolls back.
+but the id sequences, which PostgreSQL never rolls back. It prints the WAL the server wrote
+during the copy and the checkpoints started meanwhile (any cause).
 
 --set overrides a PostgreSQL setting for the copy, after the sync and the index builds have
 set their own (e.g. --set work_mem=256MB); temp_buffers is set before the session's first
@@ -25,7 +26,7 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager
 
-from common import setup_django, wal_and_checkpoints
+from common import checkpoint, setup_django, wal_and_checkpoints
 
 STEPS = (
     "plan", "removed_users", "find_collisions", "check_rows", "load_values", "delete_removed",
@@ -104,7 +105,7 @@ def run(settings) -> None:
         sys.exit("NewUser already holds users: run this before the copy (migrate account 0001).")
     with connection.cursor() as cursor:
         cursor.execute("VACUUM (ANALYZE)")
-        cursor.execute("CHECKPOINT")
+        checkpoint(cursor)
         before = wal_and_checkpoints(cursor)
     started = time.perf_counter()
     try:
@@ -132,8 +133,8 @@ def run(settings) -> None:
     if models.new.objects.exists():
         sys.exit("NewUser holds users after the rollback: this run wrote something.")
     print(f"{result.lines()[0]}\nrolled back, NewUser empty again; in all {total:.1f} s, "
-          f"peak RSS {rss:.0f} MB; {wal_bytes / 2**20:,.0f} MB of WAL, {checkpoints} checkpoints "
-          f"requested by WAL volume")  # fmt: skip
+          f"peak RSS {rss:.0f} MB; {wal_bytes / 2**20:,.0f} MB of WAL and {checkpoints} checkpoints "
+          f"meanwhile (server-wide)")  # fmt: skip
     for name in (*STEPS, "analyze", "index builds"):
         if name in times:
             inside = f" (within {INSIDE[name]})" if name in INSIDE else ""
@@ -149,12 +150,12 @@ def main() -> None:
     if any(len(item) != 2 for item in settings):
         sys.exit("--set takes NAME=VALUE, e.g. --set work_mem=256MB")
     setup_django()
-    from django.db import OperationalError
+    from django.db import DatabaseError
 
     try:
         check_settings(settings)
         run(settings)
-    except OperationalError as exc:
+    except DatabaseError as exc:
         sys.exit(f"Cannot use the database ({str(exc).splitlines()[0]})")
 
 
