@@ -239,6 +239,8 @@ def copy_users(
             "there is nothing to sync. To go back, run `make cutover-rollback` with "
             "AUTH_USER_MODEL=account.User."
         )
+    if batch_size < 1:  # a server-side cursor would fetch nothing, and verify nothing
+        raise CopyError(f"The batch size must be at least 1, not {batch_size}.")
     sync = Sync(models, alias, skip_invalid, dry_run, batch_size, on_progress, on_start)
     connection = connections[alias]
     nested = connection.in_atomic_block

@@ -137,7 +137,7 @@ def report(title: str, n: int, rows: list[Measured], per: str = "users") -> None
     print(f"\n{title} (N = {n:,}, PostgreSQL, {os.cpu_count()} cores)")
     wal = any(m.wal_mb is not None for m in rows)
     print(f"  {'step':<52} {'seconds':>8} {per + '/s':>12} {'peak RSS MB':>12}"
-          + (f" {'WAL MB':>8} {'ckpts':>6} {'write-back s':>12}" if wal else ""))  # fmt: skip
+          + (f" {'WAL MiB':>8} {'ckpts':>6} {'write-back s':>12}" if wal else ""))  # fmt: skip
     for m in rows:
         count = n if not m.label.startswith("@") else int(m.label[1:].split()[0])
         label = m.label.split(" ", 1)[1] if m.label.startswith("@") else m.label

@@ -133,7 +133,7 @@ def run(settings) -> None:
     if models.new.objects.exists():
         sys.exit("NewUser holds users after the rollback: this run wrote something.")
     print(f"{result.lines()[0]}\nrolled back, NewUser empty again; in all {total:.1f} s, "
-          f"peak RSS {rss:.0f} MB; {wal_bytes / 2**20:,.0f} MB of WAL and {checkpoints} checkpoints "
+          f"peak RSS {rss:.0f} MB; {wal_bytes / 2**20:,.0f} MiB of WAL and {checkpoints} checkpoints "
           f"meanwhile (server-wide)")  # fmt: skip
     for name in (*STEPS, "analyze", "index builds"):
         if name in times:
@@ -156,7 +156,7 @@ def main() -> None:
         check_settings(settings)
         run(settings)
     except DatabaseError as exc:
-        sys.exit(f"Cannot use the database ({str(exc).splitlines()[0]})")
+        sys.exit(f"The database refused: {str(exc).splitlines()[0]}")
 
 
 if __name__ == "__main__":

@@ -366,6 +366,18 @@ def test_bad_batch_size_is_refused_and_nothing_is_written(run, dirty_legacy, com
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize("size", [0, -1])
+def test_copy_users_itself_refuses_a_bad_batch_size(dirty_legacy, tmp_path, size):
+    """Not only the command: a server-side cursor asked for no rows would verify nothing."""
+    models = usercopy.CopyModels(
+        legacy=User, new=NewUser, profile=Profile, state=SyncState, log=OperationLog
+    )
+    with pytest.raises(usercopy.CopyError, match=f"batch size must be at least 1, not {size}"):
+        usercopy.copy_users(models, skip_invalid=True, batch_size=size, report_dir=tmp_path)
+    assert NewUser.objects.count() == 0
+
+
+@pytest.mark.django_db
 def test_a_unique_key_the_checks_missed_stops_the_copy_in_one_line(run, monkeypatch):
     # As if another process had written a duplicate after the checks ran.
     monkeypatch.setattr(usercopy.Sync, "find_collisions", lambda self: None)

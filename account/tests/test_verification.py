@@ -91,6 +91,35 @@ def test_the_email_and_phone_check_reads_past_the_first_batch(run, legacy_users,
     )  # fmt: skip
 
 
+def test_the_sync_streams_in_batches_of_batch_size(run, legacy_users, monkeypatch):
+    """Both streams through Python, the check and the verification, fetch --batch-size rows
+    at a time: that bounds the sync's memory."""
+    sizes, chunked_cursor = [], connection.chunked_cursor
+
+    class Recording:
+        def __init__(self):
+            self.cursor = chunked_cursor()
+
+        def __enter__(self):
+            self.cursor.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.cursor.__exit__(*exc)
+
+        def fetchmany(self, size):
+            sizes.append(size)
+            return self.cursor.fetchmany(size)
+
+        def __getattr__(self, name):
+            return getattr(self.cursor, name)
+
+    monkeypatch.setattr(connection, "chunked_cursor", Recording)
+    run("copy_users", "--batch-size", "2")
+    assert NewUser.objects.count() == 3
+    assert sizes == [2] * 6  # each stream: 2 rows, 1 row, then an empty fetch
+
+
 def test_dropped_microseconds_are_caught(run, legacy_users, monkeypatch):
     plant(monkeypatch, second(last_login=datetime(2024, 5, 1, 12, 30, 45, tzinfo=UTC)))
     assert_rolled_back(run, "fields differ")

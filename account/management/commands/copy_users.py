@@ -33,9 +33,9 @@ class Command(OneLineErrorCommand):
             "--batch-size",
             type=int,
             default=BATCH,
-            help=f"Rows streamed through Python per batch: the legacy rows checked, then the "
-            f"new rows verified (default: {BATCH}). Memory holds about two batches, plus the "
-            "ids of rejected and deleted users.",
+            help=f"Rows streamed through Python per batch: the legacy rows checked and, when "
+            f"the sync writes, the new rows verified (default: {BATCH}). Memory holds about two "
+            "batches, plus the ids of rejected and deleted users.",
         )
         if not self.dry_run_default:
             parser.add_argument(
