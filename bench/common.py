@@ -74,10 +74,9 @@ def manage(label: str, *args: str, **extra) -> Measured:
 def wal_and_checkpoints(cursor) -> tuple[int, int]:
     """WAL inserted so far (bytes) and checkpoints started so far (timed or requested, by WAL
     volume or by anyone's CHECKPOINT), server-wide."""
-    cursor.execute("SELECT current_setting('server_version_num')::int >= 170000")
     counters = (
         "(SELECT num_timed + num_requested FROM pg_stat_checkpointer)"
-        if cursor.fetchone()[0]
+        if cursor.db.pg_version >= 170000
         else "(SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter)"
     )
     cursor.execute(
@@ -144,6 +143,6 @@ def report(title: str, n: int, rows: list[Measured], per: str = "users") -> None
         rate = f"{count / m.seconds:,.0f}" if m.seconds else "-"
         rss = f"{m.rss_mb:.0f}" if m.rss_mb else "-"
         line = f"  {label:<52} {m.seconds:>8.1f} {rate:>12} {rss:>12}"
-        if wal and m.wal_mb is not None:
+        if m.wal_mb is not None:
             line += f" {m.wal_mb:>8,.0f} {m.checkpoints:>6} {m.write_back:>12.1f}"
         print(line)

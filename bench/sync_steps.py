@@ -5,14 +5,14 @@ Usage: bench/sync_steps.py [--set NAME=VALUE ...]
 
 Runs on BENCH_DATABASE_URL, like the other benchmarks (default
 postgres://postgres@127.0.0.1:5432/accounts_bench), which must hold legacy users and no copy
-yet, as `make bench-migrate N=...` leaves it (not dropped here). It runs VACUUM (ANALYZE)
-first, as the bench does after loading, and a CHECKPOINT, as the bench does before each step
-(CHECKPOINT needs a superuser, or pg_checkpoint on PostgreSQL 15 and later). Then the copy
-runs as migration 0002 runs it (REPEATABLE READ, USER_COPY_SKIP_INVALID, the report in REPORT_DIR), but with the current
-models and in a savepoint of this script's transaction, as the cut-over runs it; every step of
-`account.usercopy.Sync` is timed, and the transaction is rolled back. Nothing stays written
-but the id sequences, which PostgreSQL never rolls back. It prints the WAL the server wrote
-during the copy and the checkpoints started meanwhile (any cause).
+yet, as `make bench-migrate N=...` leaves it (not dropped here). It runs VACUUM (ANALYZE) first,
+as the bench does after loading, and a CHECKPOINT, as the bench does before each step
+(CHECKPOINT needs a superuser, or pg_checkpoint on PostgreSQL 15 and later). Then the copy runs
+as migration 0002 runs it (REPEATABLE READ, USER_COPY_SKIP_INVALID, the report in REPORT_DIR),
+but with the current models and in a savepoint of this script's transaction, as the cut-over
+runs it; every step of `account.usercopy.Sync` is timed, and the transaction is rolled back.
+Nothing stays written but the id sequences, which PostgreSQL never rolls back. It prints the WAL
+the server wrote during the copy and the checkpoints started meanwhile (any cause).
 
 --set overrides a PostgreSQL setting for the copy, after the sync and the index builds have
 set their own (e.g. --set work_mem=256MB); temp_buffers is set before the session's first
