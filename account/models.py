@@ -206,3 +206,37 @@ class OperationLog(models.Model):
 
     def __str__(self):
         return f"{self.get_kind_display()} at {self.finished_at:%Y-%m-%d %H:%M}"
+
+
+class ChangeLog(models.Model):
+    """One write to a user table that a trigger watches, appended in the writer's transaction.
+
+    After the cut-over, triggers on NewUser and its group and permission links add a row for
+    each insert, update and delete (and the cut-over itself adds one for each user whose
+    NewUser row differed from the legacy row when it switched). The rollback carries back
+    exactly the users named here, not "every user that differs". No personal data: ids only.
+    """
+
+    class Side(models.TextChoices):
+        LEGACY = "legacy", "legacy user table"
+        NEW = "new", "NewUser"
+
+    class Op(models.TextChoices):
+        INSERT = "insert", "insert"
+        UPDATE = "update", "update"
+        DELETE = "delete", "delete"
+        LINKS = "links", "group or permission links"
+        CUTOVER = "cutover", "differed at the cut-over"
+
+    id = models.BigAutoField(primary_key=True)
+    side = models.CharField(max_length=10, choices=Side.choices)
+    user_id = models.BigIntegerField()
+    op = models.CharField(max_length=10, choices=Op.choices)
+    at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        verbose_name = "user change"
+        indexes = [models.Index(fields=["side", "user_id"], name="account_changelog_user_idx")]
+
+    def __str__(self):
+        return f"{self.op} of {self.side} user {self.user_id}"
