@@ -66,6 +66,7 @@ from django.db.migrations.recorder import MigrationRecorder
 from django.db.models import Case, When
 from django.db.models.functions import JSONArray
 
+from . import catalog, readonly
 from .dbutil import indexes_built_after, insert_rows, reset_sequences
 from .models import (
     Activity,
@@ -681,7 +682,7 @@ class Plan:
                 "or pass --replace to replace them (in the same transaction)."
             )
         for table, column, target in _referencing(
-            {t.name for t in self.emptied}, existing - set(manifest["tables"])
+            {t.name for t in self.emptied}, set(manifest["tables"])
         ):
             problems.append(
                 f"Table {table} points at {target} ({column}) and holds rows that this backup "
@@ -776,19 +777,23 @@ def _target_keys(model) -> dict[tuple, int]:
     return {tuple(k): pk for *k, pk in model.objects.values_list(*NATURAL_KEYS[model], "pk")}
 
 
-def _referencing(targets: set[str], others: set[str]) -> list[tuple[str, str, str]]:
-    """(table, column, target) for each table of `others` holding rows with a foreign key into
-    `targets`; found in the database's catalog, so tables Django does not know count too."""
+def _referencing(targets: set[str], backed_up: set[str]) -> list[tuple[str, str, str]]:
+    """(table, columns, target) for each table the backup does not hold whose rows point at a
+    table in `targets` (which the restore empties): every foreign key in the catalog, in any
+    schema, whatever its ON DELETE (CASCADE would delete those rows, SET NULL would cut them
+    loose, NO ACTION would refuse)."""
     found = []
-    qn = connection.ops.quote_name
     with connection.cursor() as cursor:
-        for table in sorted(others):
-            relations = connection.introspection.get_relations(cursor, table)
-            for column, (_, target) in sorted(relations.items()):
-                if target in targets:
-                    cursor.execute(f"SELECT 1 FROM {qn(table)} LIMIT 1")
-                    if cursor.fetchone():
-                        found.append((table, column, target))
+        for target in sorted(targets):
+            for fk in catalog.foreign_keys_to(target, exclude=backed_up):
+                not_null = " OR ".join(
+                    f"{connection.ops.quote_name(c)} IS NOT NULL" for c in fk.columns
+                )
+                cursor.execute(
+                    f"SELECT 1 FROM {catalog.sql_name(fk.table)} WHERE {not_null} LIMIT 1"
+                )
+                if cursor.fetchone():
+                    found.append((fk.table, ", ".join(fk.columns), target))
     return found
 
 
@@ -929,7 +934,9 @@ class _Loader:
             else nullcontext()
         )
         # COPY goes through psycopg's cursor: let Django name its errors (IntegrityError, ...).
-        with transaction.atomic(), connection.wrap_database_errors:
+        # The engine's own writes: after a cut-over the legacy table is read-only for the app
+        # (and NewUser after a rollback), but a restore puts back both (account/readonly.py).
+        with transaction.atomic(), connection.wrap_database_errors, readonly.engine_writes():
             with rebuilt:
                 if plan.replace:
                     with connection.cursor() as cursor:

@@ -9,40 +9,50 @@ whole procedure.
 `cutover()`, run under AUTH_USER_MODEL=account.NewUser, in this order:
 
 1. check     the setting and the state; finds every foreign key to the legacy user table in
-             the database catalog (`pg_constraint`, any schema; SQLite: `PRAGMA
-             foreign_key_list`), except the legacy model's own group and permission links,
-             and refuses one whose columns are not a unique key of NewUser; lists other
-             tables with a `content_type_id` and `object_id` (or `object_pk`) pair pointing
-             at legacy users.
-2. sync      `copy_users` carries the legacy side's changes into NewUser; refuses on conflicts
-             (and, under the default policy, on rejected rows). Then refuses when any row of
-             any table references a legacy user who is not in NewUser, naming table and count.
+             the database catalog (`account.catalog`: any schema, a partitioned table once),
+             except the legacy model's own group and permission links, and refuses one whose
+             columns are not a unique key of NewUser; names the views that read the legacy
+             table and the generic references (`content_type_id` and `object_id` or
+             `object_pk`, any schema) pointing at legacy users.
+2. sync      `copy_users` carries the legacy side's changes into NewUser; refuses on conflicts,
+             on a rejected change of a user already in NewUser (whatever the policy: that
+             change would be lost), and, under the default policy, on any rejected row. Then
+             refuses when any row of any table references a legacy user who is not in
+             NewUser, naming table and count.
+             The dry run stops here, after rehearsing the swap (step 4's second half) in a
+             transaction it rolls back: it refuses whatever the swap would refuse.
 3. backup    every account table, as `make migrate-data` takes it.
 4. switch    one transaction: lock the legacy tables against writers, final sync, check the
              references again; then the swap: lock every table it touches at once (ACCESS
              EXCLUSIVE, readers wait too), re-point each foreign key to NewUser (PostgreSQL:
-             the old constraint dropped, the new one added NOT VALID; SQLite: the table
-             rebuilt by Django's schema editor), move admin log entries to NewUser's content
-             type, make the legacy tables read-only with triggers, record the cut-over in
-             OperationLog. Whatever the database refuses rolls it all back, in one line.
+             the old constraint dropped, the new one added NOT VALID, or valid on a
+             partitioned table; SQLite: the table rebuilt by Django's schema editor), move
+             admin log entries to NewUser's content type, make the legacy tables read-only
+             with triggers (`account.readonly`), start NewUser's change log, record the
+             cut-over in OperationLog. Whatever the database refuses rolls it all back.
 5. validate  PostgreSQL: VALIDATE each new constraint, each in its own transaction under
              `lock_timeout`; this scans the table without blocking its writers.
 
 `rollback()`, run under AUTH_USER_MODEL=account.User:
 
-1. check     the setting and the state; compares each NewUser row with its legacy row under
-             the copy's rules and plans what to carry back: signups (with their ids), changed
-             fields, group and permission links, deleted users. Values the legacy schema cannot
-             hold, usernames the final legacy table would hold twice, are reported, and the
-             default policy refuses. Refuses when NewUser is empty, or when it would delete
-             more than 1% of the legacy users (at least 10, at most 1000) unless told to.
+1. check     the setting and the state; takes the users NewUser's change log names (what the
+             new side wrote since the cut-over) and those whose NewUser row differed from
+             the last sync's when the cut-over switched; compares each with its legacy row
+             under the copy's rules and plans what to carry back: signups (with their ids),
+             changed fields, group and permission links, deleted users. Values the legacy
+             schema cannot hold, usernames the final legacy table would hold twice, are
+             reported, and the default policy refuses. Refuses when NewUser is empty, or when
+             it would delete more than 1% of the legacy users (at least 10, at most 1000)
+             unless told to. The dry run then rehearses step 3 and rolls it back.
 2. backup    as above.
 3. switch    one transaction, NewUser writers blocked: plan again; lock every table the swap
              touches (ACCESS EXCLUSIVE); drop the triggers; carry it back (deletes first, then
              freed usernames moved aside, then inserts and updates); re-point the foreign keys
              the cut-over moved back to the legacy table, move admin log entries back, move
-             the legacy id sequence past every id of both tables (never backwards), tell the
-             sync ledger both sides are equal except for the users left out, record it.
+             the legacy id sequence past every id of both tables (never backwards), stop and
+             empty the change log, make NewUser read-only (the sync is its one writer), tell
+             the sync ledger the users it looked at are equal except for those left out,
+             record it.
 4. validate  as above, for the constraints moved back.
 
 Each step leaves the database as it was before it, or done: a killed run is run again.
@@ -52,6 +62,7 @@ Run again after it is done, each changes nothing and says so.
 import csv
 import math
 import os
+import tempfile
 import time
 from collections import Counter
 from contextlib import contextmanager, suppress
@@ -66,10 +77,11 @@ from django.core.management.base import CommandError
 from django.db import DatabaseError, OperationalError, connections, transaction
 from django.utils import timezone
 
-from . import usercopy
+from . import catalog, readonly, usercopy
 from .backup import BackupError, backup
+from .catalog import ForeignKey
 from .dbutil import table_exists
-from .models import NewUser, OperationLog, Profile, SyncState, User
+from .models import ChangeLog, NewUser, OperationLog, Profile, SyncState, User
 from .normalize import Rejected, normalize_email, normalize_phone
 
 MODELS = usercopy.CopyModels(
@@ -81,6 +93,7 @@ COLUMNS = tuple(f for f in usercopy.FIELDS if f != "id")
 # The legacy columns with a unique key: the rollback moves their values out of the way first.
 UNIQUE_COLUMNS = tuple(c for c in COLUMNS if User._meta.get_field(c).unique)
 ADMIN_LOG = "django_admin_log"
+CANDIDATES = "rollback_candidates"  # the temporary table of the ids the rollback looks at
 LOCK_TIMEOUT_SQLSTATES = {"55P03", "57014"}  # lock_not_available; query_canceled (the timeout)
 
 # The rollback deletes the legacy users whose NewUser rows are gone. More than this share of
@@ -93,6 +106,10 @@ MASS_DELETE_CEILING = 1000
 
 class CutoverError(CommandError):
     """The cut-over or the rollback refused or failed; the message says what to do."""
+
+
+class _Rehearsed(Exception):
+    """Raised at the end of a dry run's swap, to roll it back."""
 
 
 @contextmanager
@@ -110,27 +127,9 @@ def lock_wait_refused(message: str):
 # --- state ------------------------------------------------------------------------------------
 
 
-def _trigger_name(table: str, event: str = "") -> str:
-    return f"{table}_read_only{'_' + event if event else ''}"
-
-
 def is_cut_over(alias: str = "default") -> bool:
     """True once the cut-over is done: the legacy table carries its read-only trigger."""
-    connection = connections[alias]
-    table = User._meta.db_table
-    with connection.cursor() as cursor:
-        if connection.vendor == "postgresql":
-            cursor.execute(
-                "SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = %s "
-                "AND tgrelid = to_regclass(%s))",
-                [_trigger_name(table), table],
-            )
-        else:
-            cursor.execute(
-                "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND name = %s)",
-                [_trigger_name(table, "insert")],
-            )
-        return bool(cursor.fetchone()[0])
+    return readonly.is_read_only(User, alias)
 
 
 def last_cutover(alias: str = "default"):
@@ -139,98 +138,31 @@ def last_cutover(alias: str = "default"):
     return OperationLog.objects.using(alias).filter(kind__in=kinds, ok=True).first()
 
 
-def _rebase_sync_ledger(models, alias, exclude=()):
+def _rebase_sync_ledger(models, alias, exclude=(), only=""):
     """After the rollback the two sides are equal, except for the users it left out
     (`exclude`): tell the sync's ledger so; the next sync reports those as conflicts, so a
     second cut-over cannot bring back values the legacy table could not take. (Left-out
     signups have no legacy row and stay signups: the sync never touches them.)
     """
-    usercopy.mark_in_sync(models, alias=alias, exclude=exclude)
+    usercopy.mark_in_sync(models, alias=alias, exclude=exclude, only=only)
 
 
 # --- the catalog: foreign keys to a user table --------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ForeignKey:
-    """One foreign key constraint to a user table, as the database catalog shows it."""
-
-    table: str  # as SQL names it: quoted where needed, schema-qualified outside search_path
-    columns: tuple[str, ...]
-    ref_columns: tuple[str, ...]
-    name: str = ""  # PostgreSQL's constraint name (SQLite's have none)
-    definition: str = ""  # pg_get_constraintdef()
-    validated: bool = True
-    relname: str = ""  # the bare table name (for the new constraint's name)
-
-    def __str__(self):
-        return f"{self.table}({', '.join(self.columns)})"
-
-
 def _link_tables(model) -> set[str]:
-    """The model's own group and permission link tables (they stay with it)."""
-    return {
-        model._meta.get_field(name).remote_field.through._meta.db_table
-        for name in ("groups", "user_permissions")
-    }
+    return readonly.link_tables(model)
 
 
 def _foreign_keys_to(model, alias) -> list[ForeignKey]:
-    """Every foreign key to `model`'s table in the catalog, except its own link tables.
-
-    PostgreSQL names each table as `regclass` prints it (`crm.contact` for a table in another
-    schema, `"Order"` for one that needs quoting), so the name can go into SQL as it is.
-    """
-    connection = connections[alias]
-    qn = connection.ops.quote_name
-    table = model._meta.db_table
-    own = _link_tables(model)
-    found = []
-    with connection.cursor() as cursor:
-        if connection.vendor == "postgresql":
-            cursor.execute(
-                """SELECT c.conrelid::regclass::text, r.relname, c.conname,
-                    pg_get_constraintdef(c.oid), c.convalidated,
-                    ARRAY(SELECT a.attname FROM unnest(c.conkey) WITH ORDINALITY k(n, i)
-                          JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.n
-                          ORDER BY k.i),
-                    ARRAY(SELECT a.attname FROM unnest(c.confkey) WITH ORDINALITY k(n, i)
-                          JOIN pg_attribute a ON a.attrelid = c.confrelid AND a.attnum = k.n
-                          ORDER BY k.i)
-                FROM pg_constraint c JOIN pg_class r ON r.oid = c.conrelid
-                WHERE c.contype = 'f' AND c.confrelid = to_regclass(%s)
-                AND c.conrelid <> ALL (ARRAY(SELECT to_regclass(t) FROM unnest(%s::text[]) t))
-                ORDER BY 1, c.conname""",
-                [qn(table), [qn(t) for t in sorted(own)]],
-            )
-            for other, relname, name, definition, validated, cols, ref_cols in cursor.fetchall():
-                fk = ForeignKey(other, tuple(cols), tuple(ref_cols), name, definition)
-                found.append(replace(fk, validated=validated, relname=relname))
-            return found
-        for other in sorted(connection.introspection.table_names(cursor)):
-            if other in own:
-                continue
-            cursor.execute(f"PRAGMA foreign_key_list({qn(other)})")
-            parts: dict[int, list] = {}
-            for fk_id, seq, ref_table, col, ref_col, *_ in cursor.fetchall():
-                if ref_table == table:
-                    parts.setdefault(fk_id, []).append((seq, col, ref_col or "id"))
-            for cols in parts.values():
-                cols.sort()
-                found.append(
-                    ForeignKey(
-                        other,
-                        tuple(c for _, c, _ in cols),
-                        tuple(r for *_, r in cols),
-                        relname=other,
-                    )
-                )
-    return found
+    """Every foreign key to `model`'s table in the catalog (any schema), except its own links."""
+    return catalog.foreign_keys_to(
+        model._meta.db_table, using=alias, exclude=readonly.link_tables(model)
+    )
 
 
 def _sql_table(fk: ForeignKey, connection) -> str:
-    """The referencing table as SQL names it (PostgreSQL's catalog gives it quoted already)."""
-    return fk.table if connection.vendor == "postgresql" else connection.ops.quote_name(fk.table)
+    return catalog.sql_name(fk.table, connection.alias)
 
 
 def _is_unique_key(model, columns, alias) -> bool:
@@ -290,7 +222,8 @@ def _repoint(fk: ForeignKey, source, target, alias, editor, name: str = "") -> s
     """Point `fk` at `target`'s table instead of `source`'s; returns the new constraint's name.
 
     PostgreSQL: the new constraint is added NOT VALID (no scan, a short lock) and the old one
-    dropped; `validate` scans later. It is called `name`, by default the name Django gives
+    dropped; `validate` scans later. A partitioned table cannot take a NOT VALID foreign key:
+    its constraint is added valid, which scans the table under the swap's lock. It is called `name`, by default the name Django gives
     such a foreign key (the rollback passes the original name). SQLite: Django's schema editor
     rebuilds the table.
     """
@@ -311,7 +244,8 @@ def _repoint(fk: ForeignKey, source, target, alias, editor, name: str = "") -> s
     )
     with connection.cursor() as cursor:
         cursor.execute(f"ALTER TABLE {fk.table} DROP CONSTRAINT {qn(fk.name)}")
-        cursor.execute(f"ALTER TABLE {fk.table} ADD CONSTRAINT {qn(name)} {definition} NOT VALID")
+        not_valid = "" if fk.partitioned else " NOT VALID"
+        cursor.execute(f"ALTER TABLE {fk.table} ADD CONSTRAINT {qn(name)} {definition}{not_valid}")
     return name
 
 
@@ -363,41 +297,37 @@ def _orphans(fks, target, alias, missing, same_person) -> dict[str, int]:
     return found
 
 
-# Generic references: a content type column and the referenced object's id next to it
-# (`GenericForeignKey`'s default names; django-guardian and others call it object_pk).
-GENERIC_ID_COLUMNS = ("object_id", "object_pk")
-
-
 def _generic_references(model, alias) -> dict[str, int]:
-    """Rows, per `table(content_type_id, object_id)` pair, whose content type is `model` (not
-    the admin log's, which move)."""
+    """Rows, per `table(content type, object id)` pair in any schema, whose content type is
+    `model` (not the admin log's, which move)."""
     connection = connections[alias]
     qn = connection.ops.quote_name
-    ct = (
-        ContentType.objects.db_manager(alias)
-        .filter(app_label=model._meta.app_label, model=model._meta.model_name)
-        .first()
-    )
     found = {}
+    ct = catalog.content_type_id(model, using=alias)
     if ct is None:
         return found
     with connection.cursor() as cursor:
-        for table in sorted(connection.introspection.table_names(cursor)):
-            if table == ADMIN_LOG:
-                continue
-            names = {c.name for c in connection.introspection.get_table_description(cursor, table)}
-            pairs = [c for c in GENERIC_ID_COLUMNS if c in names]
-            if "content_type_id" not in names or not pairs:
-                continue
-            cursor.execute(f"SELECT COUNT(*) FROM {qn(table)} WHERE content_type_id = %s", [ct.pk])
+        for pair in catalog.generic_pairs(using=alias, exclude={ADMIN_LOG}):
+            cursor.execute(
+                f"SELECT COUNT(*) FROM {catalog.sql_name(pair.table, alias)} "
+                f"WHERE {qn(pair.content_type)} = %s",
+                [ct],
+            )
             if n := cursor.fetchone()[0]:
-                for column in pairs:
-                    found[f"{table}(content_type_id, {column})"] = n
+                found[str(pair)] = n
     return found
+
+
+def _has_admin_log(alias) -> bool:
+    connection = connections[alias]
+    with connection.cursor() as cursor:
+        return ADMIN_LOG in connection.introspection.table_names(cursor)
 
 
 def _move_admin_log(source, target, alias) -> int:
     """Admin log entries about `source` users now describe the same ids of `target`."""
+    if not _has_admin_log(alias):
+        return 0  # a project without django.contrib.admin
     cts = ContentType.objects.db_manager(alias)
     old = cts.get_for_model(source, for_concrete_model=False)
     new = cts.get_for_model(target, for_concrete_model=False)
@@ -409,7 +339,7 @@ def _move_admin_log(source, target, alias) -> int:
         return cursor.rowcount
 
 
-# --- the read-only trigger -------------------------------------------------------------------
+# --- the read-only triggers (account/readonly.py) ----------------------------------------------
 
 
 def _read_only_message(at) -> str:
@@ -422,89 +352,14 @@ def _read_only_message(at) -> str:
     )
 
 
-def _make_read_only(alias, message: str) -> None:
-    """Triggers refuse every write to the legacy table and its group and permission links.
-
-    PostgreSQL: INSERT, UPDATE, DELETE and TRUNCATE, statement by statement, except for one
-    case: deleting a group or permission on the new side takes its legacy links with it
-    (Django deletes the links first, then the group). A deferred trigger checks each deleted
-    link at commit and refuses it unless its group or permission is gone by then.
-    SQLite (no TRUNCATE, no deferred triggers): INSERT, UPDATE and DELETE on the legacy
-    table, INSERT and UPDATE on its links; deleting a link stays possible there.
-    """
-    connection = connections[alias]
-    qn = connection.ops.quote_name
-    table = User._meta.db_table
-    quoted = message.replace("'", "''")
-    links = [usercopy.link_table(User, name) for name in ("groups", "user_permissions")]
-    with connection.cursor() as cursor:
-        if connection.vendor == "postgresql":
-            function = qn(_trigger_name(table))
-            cursor.execute(
-                f"""CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $$
-                BEGIN RAISE EXCEPTION USING ERRCODE = 'read_only_sql_transaction',
-                    MESSAGE = '{quoted}'; END $$"""
-            )
-            # TG_ARGV: the group (or permission) table and the link's column pointing at it.
-            link_delete = qn(_trigger_name(table, "link_delete"))
-            cursor.execute(
-                f"""CREATE OR REPLACE FUNCTION {link_delete}() RETURNS trigger LANGUAGE plpgsql
-                AS $$ DECLARE still_there boolean; BEGIN
-                    EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s WHERE id = $1)', TG_ARGV[0])
-                        INTO still_there USING (to_jsonb(OLD) ->> TG_ARGV[1])::bigint;
-                    IF still_there THEN
-                        RAISE EXCEPTION USING ERRCODE = 'read_only_sql_transaction',
-                            MESSAGE = '{quoted}';
-                    END IF;
-                    RETURN NULL;
-                END $$"""
-            )
-            cursor.execute(
-                f"CREATE TRIGGER {qn(_trigger_name(table))} BEFORE INSERT OR UPDATE OR DELETE "
-                f"OR TRUNCATE ON {qn(table)} FOR EACH STATEMENT EXECUTE FUNCTION {function}()"
-            )
-            for through, _user_column, other_column in links:
-                t = through._meta.db_table
-                other = next(
-                    f.related_model
-                    for f in through._meta.concrete_fields
-                    if f.column == other_column
-                )
-                arguments = ", ".join(
-                    "'" + v.replace("'", "''") + "'"
-                    for v in (qn(other._meta.db_table), other_column)
-                )
-                cursor.execute(
-                    f"CREATE TRIGGER {qn(_trigger_name(t))} BEFORE INSERT OR UPDATE OR TRUNCATE "
-                    f"ON {qn(t)} FOR EACH STATEMENT EXECUTE FUNCTION {function}()"
-                )
-                cursor.execute(
-                    f"CREATE CONSTRAINT TRIGGER {qn(_trigger_name(t, 'delete'))} AFTER DELETE "
-                    f"ON {qn(t)} DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION "
-                    f"{link_delete}({arguments})"
-                )
-            return
-        for t in [table, *sorted(_link_tables(User))]:
-            for event in ("insert", "update", "delete") if t == table else ("insert", "update"):
-                cursor.execute(
-                    f"CREATE TRIGGER {qn(_trigger_name(t, event))} BEFORE {event.upper()} "
-                    f"ON {qn(t)} BEGIN SELECT RAISE(ABORT, '{quoted}'); END"
-                )
-
-
-def _make_writable(alias) -> None:
-    connection = connections[alias]
-    qn = connection.ops.quote_name
-    table = User._meta.db_table
-    with connection.cursor() as cursor:
-        if connection.vendor == "postgresql":
-            # Dropping the functions drops the triggers that call them.
-            for function in (_trigger_name(table), _trigger_name(table, "link_delete")):
-                cursor.execute(f"DROP FUNCTION IF EXISTS {qn(function)}() CASCADE")
-            return
-        for t in [table, *sorted(_link_tables(User))]:
-            for event in ("insert", "update", "delete"):
-                cursor.execute(f"DROP TRIGGER IF EXISTS {qn(_trigger_name(t, event))}")
+def _new_read_only_message(at) -> str:
+    table = NewUser._meta.db_table
+    return (
+        f"{table} is read-only: the cut-over was rolled back at {at:%Y-%m-%d %H:%M:%S %Z} and "
+        f"{User._meta.db_table} is the live user table (AUTH_USER_MODEL=account.User); "
+        "`copy_users` keeps this one a mirror of it. Write to the legacy table, or cut over "
+        "again (`make cutover`)."
+    )
 
 
 # --- the run: steps, timings, the switch transaction -----------------------------------------
@@ -522,6 +377,7 @@ class Outcome:
     validated: list = field(default_factory=list)
     admin_log_entries: int = 0
     generic_references: dict = field(default_factory=dict)
+    views: list = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)
     blocked_seconds: float = 0.0
     backup: str = ""
@@ -533,6 +389,7 @@ class Outcome:
             "constraints": self.constraints,
             "admin_log_entries": self.admin_log_entries,
             "generic_references": self.generic_references,
+            "views": self.views,
             "counts": dict(sorted(self.counts.items())),
             "blocked_seconds": round(self.blocked_seconds, 2),
             "steps": {k: round(v, 2) for k, v in self.steps.items()},
@@ -619,7 +476,9 @@ class _Run:
         users = [User, NewUser]
         tables = [qn(m._meta.db_table) for m in users]
         tables += [qn(t) for t in sorted(_link_tables(User))]
-        tables += [_sql_table(fk, self.connection) for fk in fks] + [qn(ADMIN_LOG)]
+        tables += [_sql_table(fk, self.connection) for fk in fks]
+        if _has_admin_log(self.alias):
+            tables.append(qn(ADMIN_LOG))
         tables = list(dict.fromkeys(tables))  # each once, in this order
         self.lock_tables(tables, "ACCESS EXCLUSIVE")
         self.say(f"  locked {', '.join(tables)} for the swap (readers wait too)", 2)
@@ -712,6 +571,39 @@ class _Run:
             self.outcome.nothing_to_do = False
         return self.outcome
 
+    def list_views_and_generic_references(self):
+        """Name what reads or points at the source table and does not move with the swap."""
+        source, target = self.source._meta.db_table, self.target._meta.db_table
+        who = "legacy users" if self.source is User else "new users"
+        self.outcome.views = catalog.views_on(source, using=self.alias)
+        for view in self.outcome.views:
+            self.say(
+                f"  note: the view {view} reads {source}, which is frozen after the switch: "
+                f"re-create it over {target} (docs/cutover.md, Views)"
+            )
+        self.outcome.generic_references = _generic_references(self.source, self.alias)
+        for pair, n in self.outcome.generic_references.items():
+            self.say(
+                f"  note: {n} rows of {pair} point at {who} (generic references); they "
+                "are not moved (decide for your app: docs/cutover.md)"
+            )
+
+    def check_backup_dir(self):
+        """The dry run: would the backup step be able to write its file?"""
+        directory = Path(settings.BACKUP_DIR)
+        existing = next(p for p in (directory, *directory.parents) if p.exists())
+        try:
+            if existing == directory:
+                with tempfile.TemporaryFile(dir=directory):
+                    pass
+            elif not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
+                raise PermissionError(13, "Permission denied")  # it would be created here
+        except OSError as exc:
+            raise CutoverError(
+                f"The backup step could not write into {directory} ({exc.strerror or exc}): set "
+                "BACKUP_DIR to a writable directory. Nothing was changed."
+            ) from exc
+
     def take_backup(self):
         try:
             outcome = backup(directory=settings.BACKUP_DIR)
@@ -757,11 +649,13 @@ class Cutover(_Run):
         self.check_setting()
         if is_cut_over(self.alias):
             return self.finish_earlier_run()
-        with self.step("check", "foreign keys to the legacy user table, generic references"):
+        with self.step("check", "foreign keys to the legacy user table, views, generic references"):
             fks = self.check()
         with self.step("sync", "carry legacy changes into NewUser (copy_users)"):
             self.sync(fks, final=False)
         if self.dry_run:
+            with self.step("rehearse", "the swap, in a transaction rolled back at its end"):
+                self.rehearse()
             return self.outcome
         with self.step("backup", "every account table"):
             self.take_backup()
@@ -775,14 +669,7 @@ class Cutover(_Run):
             self.sync(fks, final=True)
             self.outcome.steps["final sync"] = time.perf_counter() - started
             started = time.perf_counter()
-            # Read again under the lock: the catalog is what counts, not what the check saw.
-            fks = _foreign_keys_to(User, self.alias)
-            self.refuse_unmovable(fks)
-            self.lock_for_swap(fks)
-            self.repoint(fks, editor)
-            self.outcome.admin_log_entries = _move_admin_log(User, NewUser, self.alias)
-            self.say(f"  {self.outcome.admin_log_entries} admin log entries moved", 2)
-            _make_read_only(self.alias, _read_only_message(timezone.now()))
+            self.swap(editor)
             self.outcome.steps["swap"] = time.perf_counter() - started
             self.outcome.blocked_seconds = time.perf_counter() - blocked
             self.record(self.message())
@@ -791,6 +678,22 @@ class Cutover(_Run):
             self.validate()
         return self.outcome
 
+    def swap(self, editor):
+        """Re-point every foreign key, move the admin log, guard the legacy table, log NewUser."""
+        # Read again under the lock: the catalog is what counts, not what the check saw.
+        fks = _foreign_keys_to(User, self.alias)
+        self.refuse_unmovable(fks)
+        self.lock_for_swap(fks)
+        self.repoint(fks, editor)
+        self.outcome.admin_log_entries = _move_admin_log(User, NewUser, self.alias)
+        self.say(f"  {self.outcome.admin_log_entries} admin log entries moved", 2)
+        readonly.make_read_only(User, self.alias, _read_only_message(timezone.now()))
+        # NewUser is live now: writable (a rollback made it read-only), and its writes logged
+        # from here on, for a rollback.
+        readonly.make_writable(NewUser, self.alias)
+        ChangeLog.objects.using(self.alias).filter(side=ChangeLog.Side.NEW).delete()
+        readonly.start_change_log(NewUser, self.alias)
+
     def check(self) -> list[ForeignKey]:
         fks = _foreign_keys_to(User, self.alias)
         if self.connection.vendor != "postgresql":
@@ -798,13 +701,30 @@ class Cutover(_Run):
                 _django_field(fk, NewUser)  # refuses tables SQLite cannot rebuild
         self.refuse_unmovable(fks)
         self.say(f"  {len(fks)} foreign keys to move: {', '.join(map(str, fks)) or 'none'}")
-        self.outcome.generic_references = _generic_references(User, self.alias)
-        for pair, n in self.outcome.generic_references.items():
-            self.say(
-                f"  note: {n} rows of {pair} point at legacy users (generic references); they "
-                "are not moved (decide for your app: docs/cutover.md)"
-            )
+        for fk in fks:
+            if fk.partitioned:
+                self.say(
+                    f"  note: {fk.table} is partitioned: its new constraint is added valid, "
+                    "which scans the table while the swap holds its lock"
+                )
+        self.list_views_and_generic_references()
         return fks
+
+    def rehearse(self):
+        """The dry run does the swap itself, then rolls it back: whatever the real run's swap
+        would refuse (a lock, a constraint, a partitioned table, a missing table, the role's
+        rights), the dry run refuses too. It takes the swap's locks, for as long as the swap."""
+        self.check_backup_dir()
+        outcome = replace(self.outcome, constraints=[])
+        try:
+            with self.switch_transaction() as editor:
+                self.swap(editor)
+                raise _Rehearsed
+        except _Rehearsed:
+            pass
+        finally:
+            self.outcome = replace(self.outcome, constraints=outcome.constraints)
+        self.say("  the swap went through and was rolled back")
 
     def sync(self, fks, *, final: bool):
         """copy_users, then refuse on conflicts and on rows referencing unmirrored users."""
@@ -826,9 +746,20 @@ class Cutover(_Run):
                 f"{result.report}): resolve them, run `python manage.py copy_users`, then the "
                 "cut-over again. Nothing was changed."
             )
+        if result.live_rejected:
+            reasons = ", ".join(f"{r}: {n}" for r, n in sorted(result.live_rejected.items()))
+            n = sum(result.live_rejected.values())
+            ids = ", ".join(map(str, result.live_rejected_ids)) + (", ..." if n > 10 else "")
+            raise CutoverError(
+                f"{n} users already in NewUser have legacy changes the sync cannot carry "
+                f"({reasons}; ids {ids}; each listed in {result.report}). The cut-over would "
+                "drop them (a ban, a password, a deletion). Fix those legacy rows (or the rows "
+                "that point at them), run `python manage.py copy_users`, then the cut-over "
+                "again. Nothing was changed."
+            )
         missing = _unmirrored_ids(User, NewUser, self.alias, self.same_person)
         self.outcome.left_behind_ids = missing
-        self.outcome.counts.update(
+        self.outcome.counts = Counter(
             legacy_users=User.objects.using(self.alias).count(),
             new_users=NewUser.objects.using(self.alias).count(),
             left_behind=len(missing),
@@ -948,52 +879,113 @@ class Rollback(_Run):
                 "so the rollback cannot tell which foreign keys it moved. Nothing was changed."
             )
         self.left_behind = set(cutover_log.summary.get("left_behind_ids", []))
+        self.cutover_backup = cutover_log.summary.get("backup", "")
         # (table, columns) -> the constraint's name before the cut-over, restored on the way back.
         moved = {
             (c["table"], tuple(c["columns"])): c["from"] for c in cutover_log.summary["constraints"]
         }
-        with self.step("check", "compare NewUser with the legacy table under the copy's rules"):
+        with self.step("check", "the users NewUser's writes touched since the cut-over"):
             fks = self.moved_back(moved)
             self.say(
                 f"  {len(fks)} foreign keys to move back: {', '.join(map(str, fks)) or 'none'}"
             )
+            self.list_views_and_generic_references()
+            self.differed = self.differed_at_the_cutover()
             self.report(self.plan())
         if self.dry_run:
+            with self.step("rehearse", "the switch back, in a transaction rolled back at its end"):
+                self.check_backup_dir()
+                try:
+                    with self.switch_transaction() as editor:
+                        self.lock([NewUser, User])
+                        self.switch_back(self.plan(), moved, editor)
+                        raise _Rehearsed
+                except _Rehearsed:
+                    pass
+                self.outcome.constraints = []
+                self.say("  the switch back went through and was rolled back")
             return self.outcome
         with self.step("backup", "every account table"):
             self.take_backup()
         blocked = time.perf_counter()
         with (
-            self.step("switch", "lock, carry back, re-point, drop the trigger, record"),
+            self.step("switch", "lock, carry back, re-point, swap the triggers, record"),
             self.switch_transaction() as editor,
         ):
             self.lock([NewUser, User])
             plan = self.plan()
             self.outcome.counts = Counter()
             self.report(plan)
-            fks = self.moved_back(moved)  # the catalog under the lock is what counts
-            self.lock_for_swap(fks)
-            _make_writable(self.alias)
-            self.carry_back(plan)
-            missing = sorted(set(plan.skipped) - self.existing_legacy_ids(plan.skipped))
-            orphans = _orphans(fks, User, self.alias, missing, self.same_person)
-            if orphans:
-                where = ", ".join(f"{n} rows in {t}" for t, n in orphans.items())
-                raise CutoverError(
-                    f"{where} reference new users the rollback cannot carry back (listed in "
-                    f"{self.outcome.report}). Fix or delete them, then run again. Nothing "
-                    "was changed."
-                )
-            self.repoint(fks, editor, names=moved)
-            self.outcome.admin_log_entries = _move_admin_log(NewUser, User, self.alias)
-            # The users left out differ on the two sides: the next sync reports them.
-            _rebase_sync_ledger(MODELS, self.alias, exclude=plan.skipped)
+            self.switch_back(plan, moved, editor)
             self.outcome.blocked_seconds = time.perf_counter() - blocked
             self.record(self.message())
         self.outcome.blocked_seconds = time.perf_counter() - blocked
         with self.step("validate", "scan each constraint moved back (writers not blocked)"):
             self.validate()
         return self.outcome
+
+    def switch_back(self, plan: "CarryBack", moved, editor):
+        """Carry the plan back, re-point, make NewUser read-only (its writes are no longer
+        logged: nothing reads them until the next cut-over), tell the sync's ledger."""
+        fks = self.moved_back(moved)  # the catalog under the lock is what counts
+        self.lock_for_swap(fks)
+        readonly.make_writable(User, self.alias)
+        self.carry_back(plan)
+        missing = sorted(set(plan.skipped) - self.existing_legacy_ids(plan.skipped))
+        orphans = _orphans(fks, User, self.alias, missing, self.same_person)
+        if orphans:
+            where = ", ".join(f"{n} rows in {t}" for t, n in orphans.items())
+            raise CutoverError(
+                f"{where} reference new users the rollback cannot carry back (listed in "
+                f"{self.outcome.report}). Fix or delete them, then run again. Nothing "
+                "was changed."
+            )
+        self.repoint(fks, editor, names=moved)
+        self.outcome.admin_log_entries = _move_admin_log(NewUser, User, self.alias)
+        readonly.stop_change_log(NewUser, self.alias)
+        ChangeLog.objects.using(self.alias).filter(side=ChangeLog.Side.NEW).delete()
+        readonly.make_read_only(NewUser, self.alias, _new_read_only_message(timezone.now()))
+        # The users left out differ on the two sides: the next sync reports them.
+        with readonly.engine_writes(self.alias):
+            _rebase_sync_ledger(MODELS, self.alias, exclude=plan.skipped, only=CANDIDATES)
+
+    def differed_at_the_cutover(self) -> list[int]:
+        """NewUser rows that were not what the last sync wrote when the cut-over switched: a
+        write to NewUser before it (kept by the sync), or a user made there (no sync state).
+
+        Their NewUser values were live after the switch, as those of the users the change log
+        names. A row changed since the cut-over is in the change log too; one that is not in it
+        is as it was at the switch, so this holds whenever it is read (it is read once, before
+        the lock)."""
+        sync = usercopy.Sync(MODELS, self.alias, False, False, 0, None, None)
+        joins, digest = sync.digest(NewUser, "n", correlated=False)
+        qn = self.connection.ops.quote_name
+        with transaction.atomic(using=self.alias):
+            sync.utc()
+            rows = sync.sql(
+                f"SELECT n.id FROM {qn(NewUser._meta.db_table)} n {joins} "
+                f"LEFT JOIN {qn(SyncState._meta.db_table)} s ON s.user_id = n.id "
+                f"WHERE s.user_id IS NULL OR {digest} <> s.new_digest ORDER BY n.id"
+            )
+        return [pk for (pk,) in rows]
+
+    def candidates(self) -> str:
+        """A temporary table of the ids the rollback looks at: the change log's, and the users
+        that differed at the cut-over. Returns its name."""
+        qn = self.connection.ops.quote_name
+        with self.connection.cursor() as cursor:
+            cursor.execute(f"DROP TABLE IF EXISTS {CANDIDATES}")
+            cursor.execute(f"CREATE TEMPORARY TABLE {CANDIDATES} (id bigint PRIMARY KEY)")
+            cursor.execute(
+                f"INSERT INTO {CANDIDATES} (id) SELECT DISTINCT user_id "
+                f"FROM {qn(ChangeLog._meta.db_table)} WHERE side = %s",
+                [ChangeLog.Side.NEW],
+            )
+            cursor.executemany(
+                f"INSERT INTO {CANDIDATES} (id) VALUES (%s) ON CONFLICT DO NOTHING",
+                [(pk,) for pk in self.differed],
+            )
+        return CANDIDATES
 
     def moved_back(self, moved) -> list[ForeignKey]:
         """The foreign keys to NewUser that the cut-over moved (the others belong to NewUser)."""
@@ -1019,14 +1011,22 @@ class Rollback(_Run):
         limits = {c: User._meta.get_field(c).max_length for c in COLUMNS}
         legacy_t, new_t = qn(User._meta.db_table), qn(NewUser._meta.db_table)
         n = len(COLUMNS)
+        candidates = self.candidates()
+        gone = []  # legacy users whose NewUser row is gone: deleted on the new side
         with self.connection.chunked_cursor() as cursor:
             cursor.execute(
-                f"SELECT n.id, l.id, {new_cols}, {old_cols} FROM {new_t} n "
-                f"LEFT JOIN {legacy_t} l ON l.id = n.id ORDER BY n.id"
+                f"SELECT c.id, n.id, l.id, {new_cols}, {old_cols} FROM {candidates} c "
+                f"LEFT JOIN {new_t} n ON n.id = c.id "
+                f"LEFT JOIN {legacy_t} l ON l.id = c.id ORDER BY c.id"
             )
-            while rows := cursor.fetchmany(20_000):
+            while rows := cursor.fetchmany(usercopy.BATCH):
                 for row in rows:
-                    pk, in_legacy, new, old = row[0], row[1], row[2 : 2 + n], row[2 + n :]
+                    pk, in_new, in_legacy = row[0], row[1], row[2]
+                    new, old = row[3 : 3 + n], row[3 + n :]
+                    if in_new is None:
+                        if in_legacy is not None:
+                            gone.append(pk)
+                        continue
                     final, changed = list(new), list(COLUMNS)
                     if in_legacy is not None:
                         # Unchanged values keep their legacy form ('9841234567', not E.164).
@@ -1045,11 +1045,7 @@ class Rollback(_Run):
                     else:
                         carried[pk] = _Carried(in_legacy is not None, values, changed)
         # Legacy users gone from NewUser: deleted on the new side, unless left behind.
-        plan.deletes = [
-            pk
-            for pk in _unmirrored_ids(User, NewUser, self.alias, self.same_person)
-            if pk not in self.left_behind
-        ]
+        plan.deletes = [pk for pk in gone if pk not in self.left_behind]
         # A user left out keeps its legacy values, which may clash in turn: until none does.
         while clashes := self.clashes(carried, plan.deletes):
             for pk, problem in sorted(clashes.items()):
@@ -1124,10 +1120,12 @@ class Rollback(_Run):
     def refuse_mass_delete(self, plan: CarryBack):
         """Deleting many legacy users means NewUser lost rows, not that users left."""
         if not NewUser.objects.using(self.alias).exists():
+            backup_file = getattr(self, "cutover_backup", "") or "backups/accounts-<time>.jsonl.gz"
             raise CutoverError(
                 f"{NewUser._meta.db_table} is empty: the rollback would delete every legacy "
-                "user. Restore it from the cut-over's backup (`make restore`), then run again. "
-                "Nothing was changed."
+                "user. Restore the cut-over's backup with the setting it was taken with "
+                f"(AUTH_USER_MODEL=account.NewUser make restore FILE={backup_file} "
+                "ARGS=--replace), then run the rollback again. Nothing was changed."
             )
         total = User.objects.using(self.alias).count()
         limit = min(MASS_DELETE_CEILING, max(MASS_DELETE_FLOOR, int(total * MASS_DELETE_SHARE)))
@@ -1214,7 +1212,8 @@ class Rollback(_Run):
                 cursor.execute("DROP TABLE IF EXISTS cutover_excluded")
 
     def link_changes(self, plan: CarryBack, *, apply: bool) -> dict[str, tuple[int, int]]:
-        """Make each carried user's legacy group and permission links equal NewUser's."""
+        """Make the legacy group and permission links of each user the plan looked at (the
+        change log's, `candidates`) equal NewUser's, but those of users left out."""
         qn = self.connection.ops.quote_name
         changes = {}
         with self.excluded(plan), self.connection.cursor() as cursor:
@@ -1225,12 +1224,14 @@ class Rollback(_Run):
                 l_user, l_other, n_user, n_other = map(qn, (l_user, l_other, n_user, n_other))
                 stale = (
                     f"FROM {lt} lk WHERE lk.{l_user} NOT IN (SELECT id FROM cutover_excluded) "
+                    f"AND lk.{l_user} IN (SELECT id FROM {CANDIDATES}) "
                     f"AND NOT EXISTS (SELECT 1 FROM {nt} nk WHERE nk.{n_user} = lk.{l_user} "
                     f"AND nk.{n_other} = lk.{l_other})"
                 )
                 fresh = (
                     f"SELECT nk.{n_user}, nk.{n_other} FROM {nt} nk "
                     f"WHERE nk.{n_user} NOT IN (SELECT id FROM cutover_excluded) "
+                    f"AND nk.{n_user} IN (SELECT id FROM {CANDIDATES}) "
                     f"AND NOT EXISTS (SELECT 1 FROM {lt} lk WHERE lk.{l_user} = nk.{n_user} "
                     f"AND lk.{l_other} = nk.{n_other})"
                 )

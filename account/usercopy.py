@@ -52,6 +52,7 @@ from django.db import DatabaseError, connections, transaction
 from django.db.models import Max
 from django.utils import timezone
 
+from . import catalog, readonly
 from .dbutil import analyze, indexes_built_after, reset_sequences
 from .normalize import (
     Rejected,
@@ -135,6 +136,10 @@ class CopyResult:
     groups: int = 0
     permissions: int = 0
     rejected: Counter = field(default_factory=Counter)
+    # Rejected changes of users already in NewUser (an edit, a ban, a deletion): reason -> n,
+    # and the first ids. A re-sync retries them; a cut-over must not leave them behind.
+    live_rejected: Counter = field(default_factory=Counter)
+    live_rejected_ids: list = field(default_factory=list)
     normalised: Counter = field(default_factory=Counter)
     passwords: Counter = field(default_factory=Counter)
     seconds: float = 0.0
@@ -231,9 +236,7 @@ def copy_users(
     Called inside a transaction (the cut-over holds the legacy tables locked), it runs in a
     savepoint of it and reads in the caller's isolation level.
     """
-    from .cutover import is_cut_over  # it imports this module
-
-    if is_cut_over(alias):
+    if readonly.is_read_only(models.legacy, alias):
         raise CopyError(
             "The cut-over is done: NewUser is the source and the legacy table is read-only, so "
             "there is nothing to sync. To go back, run `make cutover-rollback` with "
@@ -255,7 +258,10 @@ def copy_users(
     sync.report = report
     try:
         with transaction.atomic(using=alias):
-            sync.run(outermost=not nested)
+            sync.begin(outermost=not nested)
+            # After a rollback NewUser is read-only for the app; the sync is its one writer.
+            with readonly.engine_writes(alias):
+                sync.run()
             if dry_run:
                 transaction.set_rollback(True, using=alias)
     except CopyError as exc:
@@ -336,6 +342,10 @@ class Sync:
         return self.connection.vendor == "postgresql"
 
     @property
+    def text_type(self) -> str:
+        return "text" if self.postgresql else "TEXT"
+
+    @property
     def at(self):
         """The stamp as the ORM stores it, for raw SQL comparisons."""
         return self.connection.ops.adapt_datetimefield_value(self.stamp)
@@ -345,9 +355,14 @@ class Sync:
         """Once a row is rejected under the default policy nothing will be kept: only classify."""
         return not self.dry_run and (self.skip_invalid or not self.result.rejected_total)
 
-    def reject(self, pk, username, reason, detail):
+    def reject(self, pk, username, reason, detail, *, live: bool):
+        """Report a row; `live`: the user is in NewUser already (its change is what is lost)."""
         self.report.add(pk, username, reason, detail)
         self.result.rejected[reason] += 1
+        if live:
+            self.result.live_rejected[reason] += 1
+            if len(self.result.live_rejected_ids) < 10:
+                self.result.live_rejected_ids.append(pk)
 
     def digest(self, model, row: str, *, correlated: bool) -> tuple[str, str]:
         """SQL for an MD5 digest of a user row `row` of `model` with its links: (joins, expr).
@@ -388,10 +403,12 @@ class Sync:
 
     # The steps.
 
-    def run(self, *, outermost: bool):
+    def begin(self, *, outermost: bool):
         if self.postgresql and outermost:
             # One snapshot of the legacy table for every read of this sync.
             self.sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+
+    def run(self):
         saved = self.tune()
         if not self.dry_run:
             self.lock()
@@ -627,8 +644,9 @@ class Sync:
                 conflicts.append(row.id)
             elif action == "id_taken":
                 self.reject(row.id, row.username, "id_taken",
-                            f"id {row.id} already belongs to a new user the copy did not make")  # fmt: skip
-            elif (new := self.normalise(row)) is not None:
+                            f"id {row.id} already belongs to a new user the copy did not make",
+                            live=False)  # fmt: skip
+            elif (new := self.normalise(row, live=action != "insert")) is not None:
                 accepted.append((row.id, action, row.username, row.password, *new))
         accepted += [(pk, "update", *new) for pk, *new in self.report_conflicts(conflicts)]
         inserted = sum(1 for row in accepted if row[1] == "insert")
@@ -704,7 +722,7 @@ class Sync:
                 else:
                     self.result.permissions += cursor.rowcount
 
-    def normalise(self, row) -> tuple[str, str] | None:
+    def normalise(self, row, *, live: bool) -> tuple[str, str] | None:
         """A legacy row's new email and phone, its username and password checked; None (and
         reported) if rejected. `row` has at least the CHECKED fields."""
         try:
@@ -715,7 +733,7 @@ class Sync:
             email, email_change = normalize_email(row.email)
             phone, phone_change = normalize_phone(row.phone_number)
         except Rejected as rejected:
-            self.reject(row.id, row.username, rejected.reason, rejected.detail)
+            self.reject(row.id, row.username, rejected.reason, rejected.detail, live=live)
             return None
         self.result.passwords[algorithm] += 1
         for change in (email_change, phone_change):
@@ -752,7 +770,8 @@ class Sync:
                 continue
             if other is None:
                 self.reject(pk, row.username, "conflict",
-                            "changed in the legacy table, deleted on the new side")  # fmt: skip
+                            "changed in the legacy table, deleted on the new side",
+                            live=True)  # fmt: skip
                 continue
             values = row._asdict()
             try:
@@ -762,12 +781,13 @@ class Sync:
                 pass
             fields = [n for n in FIELDS if values[n] != getattr(other, n)]
             fields += [n for n in LINKS if legacy_links[n].get(pk) != new_links[n].get(pk)]
-            if not fields and (normalised := self.normalise(row)) is not None:
+            if not fields and (normalised := self.normalise(row, live=True)) is not None:
                 resolved.append((pk, row.username, row.password, *normalised))
                 continue
             self.reject(pk, row.username, "conflict",
                         "changed on both sides since the last sync; fields that differ now: "
-                        + (", ".join(fields) or "none, but the legacy row cannot be synced"))  # fmt: skip
+                        + (", ".join(fields) or "none, but the legacy row cannot be synced"),
+                        live=True)  # fmt: skip
         return resolved
 
     def link_sets(self, model, ids) -> dict[str, dict[int, set]]:
@@ -804,12 +824,13 @@ class Sync:
         for pk, action in removed:
             if action == "conflict":
                 self.reject(pk, usernames.get(pk, ""), "conflict",
-                            "deleted from the legacy table, changed on the new side")  # fmt: skip
+                            "deleted from the legacy table, changed on the new side",
+                            live=True)  # fmt: skip
         in_use = self.users_in_use(to_delete)
         for pk, tables in sorted(in_use.items()):
             self.reject(pk, usernames.get(pk, ""), "deleted_but_in_use",
                         f"deleted from the legacy table, but rows in {', '.join(tables)} "
-                        "point at the new user")  # fmt: skip
+                        "point at the new user", live=True)  # fmt: skip
         to_delete = [pk for pk in to_delete if pk not in in_use]
         self.result.deleted = len(to_delete)
         if not self.writing:
@@ -825,24 +846,41 @@ class Sync:
             self.sql(f"DELETE FROM {self.table(m.new)} WHERE id IN ({marks})", chunk)
 
     def users_in_use(self, ids) -> dict[int, list[str]]:
-        """The users in `ids` that rows other than the copy's own (empty profile, links) name."""
+        """The users in `ids` that rows other than the copy's own (empty profile, links) name:
+        any foreign key to NewUser in any schema (the catalog), whatever its ON DELETE, and
+        any generic reference (content type and object id) to a new user."""
         if not ids:
             return {}
         m = self.models
         own = {self.links(m.new, name)[0]._meta.db_table for name in LINKS}
         own.add(m.profile._meta.db_table)
+        new_t = self.table(m.new)
         found: dict[int, list[str]] = {}
-        for table, column in referencing_columns(m.new._meta.db_table, self.alias):
-            if table in own:
-                continue
+
+        def add(sql, what):
             for chunk in chunks(ids, SMALL):
                 marks = ", ".join(["%s"] * len(chunk))
-                for (pk,) in self.sql(
-                    f"SELECT DISTINCT {self.qn(column)} FROM {self.qn(table)} "
-                    f"WHERE {self.qn(column)} IN ({marks})",
-                    chunk,
-                ):
-                    found.setdefault(pk, []).append(table)
+                for (pk,) in self.sql(sql.format(marks=marks), chunk):
+                    if what not in found.setdefault(pk, []):
+                        found[pk].append(what)
+
+        for fk in catalog.foreign_keys_to(m.new._meta.db_table, using=self.alias, exclude=own):
+            add(
+                f"SELECT DISTINCT t.id FROM {new_t} t "
+                f"JOIN {catalog.sql_name(fk.table, self.alias)} r "
+                f"ON {catalog.match(fk, qn=self.qn)} WHERE t.id IN ({{marks}})",
+                fk.table,
+            )
+        if (ct := catalog.content_type_id(m.new, using=self.alias)) is not None:
+            for pair in catalog.generic_pairs(using=self.alias):
+                add(
+                    f"SELECT DISTINCT t.id FROM {new_t} t "
+                    f"JOIN {catalog.sql_name(pair.table, self.alias)} r "
+                    f"ON CAST(r.{self.qn(pair.object_id)} AS {self.text_type}) "
+                    f"= CAST(t.id AS {self.text_type}) "
+                    f"AND r.{self.qn(pair.content_type)} = {int(ct)} WHERE t.id IN ({{marks}})",
+                    f"{pair} (generic)",
+                )
         profiles = m.profile.objects.using(self.alias).exclude(bio="", avatar="")
         for chunk in chunks(ids, SMALL):
             for pk in profiles.filter(user_id__in=chunk).values_list("user_id", flat=True):
@@ -1045,39 +1083,32 @@ def chunks(items, size=SMALL):
         yield chunk
 
 
-def referencing_columns(table, alias) -> list[tuple[str, str]]:
-    """Every (table, column) with a foreign key to `table`, from the database's own catalog."""
-    connection = connections[alias]
-    found = []
-    with connection.cursor() as cursor:
-        for other in connection.introspection.table_names(cursor):
-            for column, (_, ref_table) in connection.introspection.get_relations(
-                cursor, other
-            ).items():
-                if ref_table == table:
-                    found.append((other, column))
-    return sorted(found)
-
-
-def mark_in_sync(models: CopyModels, *, alias: str = "default", exclude=()) -> int:
+def mark_in_sync(models: CopyModels, *, alias: str = "default", exclude=(), only: str = "") -> int:
     """Record both sides as synced as they are now (after a rollback made them equal).
 
-    Users in `exclude` (a rollback left them out: their two sides differ) are recorded with
-    digests that match nothing on either side, so the next sync reports them as conflicts
-    (both sides changed) instead of taking the two sides for equal.
+    `only`: a table with an `id` column; only those users are recorded again (the rollback
+    passes the users it looked at; every other user's record stays as it was). Users in
+    `exclude` (a rollback left them out: their two sides differ) are recorded with digests
+    that match nothing on either side, so the next sync reports them as conflicts (both sides
+    changed) instead of taking the two sides for equal.
     """
     sync = Sync(models, alias, False, False, 0, None, None)
     m = models
-    legacy_joins, legacy_digest = sync.digest(m.legacy, "l", correlated=False)
-    new_joins, new_digest = sync.digest(m.new, "n", correlated=False)
+    legacy_joins, legacy_digest = sync.digest(m.legacy, "l", correlated=bool(only))
+    new_joins, new_digest = sync.digest(m.new, "n", correlated=bool(only))
+    state_t = sync.table(m.state)
     with transaction.atomic(using=alias):
         sync.utc()
-        sync.sql(f"DELETE FROM {sync.table(m.state)}")
+        if only:
+            sync.sql(f"DELETE FROM {state_t} WHERE user_id IN (SELECT id FROM {only})")
+        else:
+            sync.sql(f"DELETE FROM {state_t}")
         sync.sql(
-            f"""INSERT INTO {sync.table(m.state)} (user_id, legacy_digest, new_digest, synced_at)
+            f"""INSERT INTO {state_t} (user_id, legacy_digest, new_digest, synced_at)
             SELECT n.id, {legacy_digest}, {new_digest}, %s
             FROM {sync.table(m.new)} n JOIN {sync.table(m.legacy)} l ON l.id = n.id
-            {legacy_joins} {new_joins}""",
+            {legacy_joins} {new_joins}
+            {f"WHERE n.id IN (SELECT id FROM {only})" if only else ""}""",
             [sync.at],
         )
         for chunk in chunks(sorted(exclude), SMALL):
@@ -1096,9 +1127,7 @@ def uncopy_users(models: CopyModels, *, alias: str = "default") -> int:
     row in any other table pointing at NewUser (addresses, the admin log, ...) means the new
     schema is in use: deleting it would lose data, so nothing is deleted.
     """
-    from .cutover import is_cut_over  # it imports this module
-
-    if is_cut_over(alias):
+    if readonly.is_read_only(models.legacy, alias):
         raise CopyError(
             "Refusing to undo the user copy: the cut-over is done and NewUser is the live user "
             "table; undoing the copy would delete every user. Go back with `make "
@@ -1109,14 +1138,16 @@ def uncopy_users(models: CopyModels, *, alias: str = "default") -> int:
     own = [sync.links(m.new, name)[0]._meta.db_table for name in LINKS]
     own.append(m.profile._meta.db_table)
     new_table = m.new._meta.db_table
-    others = sorted({t for t, _ in referencing_columns(new_table, alias)} - set(own))
+    others = sorted(
+        {fk.table for fk in catalog.foreign_keys_to(new_table, using=alias, exclude=own)}
+    )
     _, new_digest = sync.digest(m.new, "n", correlated=True)
     new_t, state_t = sync.table(m.new), sync.table(m.state)
     with transaction.atomic(using=alias):
         sync.utc()
         if sync.postgresql:
             # Nobody writes to these tables between the checks and the delete.
-            tables = ", ".join(qn(t) for t in [new_table, *own, *others, m.state._meta.db_table])
+            tables = ", ".join([qn(new_table), *map(qn, own), *others, qn(m.state._meta.db_table)])
             sync.sql(f"LOCK TABLE {tables} IN ACCESS EXCLUSIVE MODE")
         reasons = []
         for what, sql in (
@@ -1137,7 +1168,7 @@ def uncopy_users(models: CopyModels, *, alias: str = "default") -> int:
         if n := m.profile.objects.using(alias).exclude(bio="", avatar="").count():
             reasons.append(f"{n} profiles were filled in after the copy")
         for table in others:
-            if n := sync.sql(f"SELECT COUNT(*) FROM {qn(table)}")[0][0]:
+            if n := sync.sql(f"SELECT COUNT(*) FROM {catalog.sql_name(table, alias)}")[0][0]:
                 reasons.append(f"{n} rows in {table}")
         if reasons:
             raise CopyError(
@@ -1148,9 +1179,11 @@ def uncopy_users(models: CopyModels, *, alias: str = "default") -> int:
             )
         deleted = m.new.objects.using(alias).count()
         if sync.postgresql:
+            sync.sql("SELECT set_config(%s, 'on', true)", [readonly.WRITER_SETTING])
             # TRUNCATE skips a million foreign key checks; the other tables are empty (checked).
             sync.sql(f"TRUNCATE {tables}")
         else:
-            for table in [*own, new_table, m.state._meta.db_table]:
-                sync.sql(f"DELETE FROM {qn(table)}")
+            with readonly.engine_writes(alias):
+                for table in [*own, new_table, m.state._meta.db_table]:
+                    sync.sql(f"DELETE FROM {qn(table)}")
     return deleted
