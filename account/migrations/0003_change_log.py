@@ -5,24 +5,42 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('account', '0002_copy_legacy_users'),
+        ("account", "0002_copy_legacy_users"),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='ChangeLog',
+            name="ChangeLog",
             fields=[
-                ('id', models.BigAutoField(primary_key=True, serialize=False)),
-                ('side', models.CharField(choices=[('legacy', 'legacy user table'), ('new', 'NewUser')], max_length=10)),
-                ('user_id', models.BigIntegerField()),
-                ('op', models.CharField(choices=[('insert', 'insert'), ('update', 'update'), ('delete', 'delete'), ('links', 'group or permission links'), ('cutover', 'differed at the cut-over')], max_length=10)),
-                ('at', models.DateTimeField(default=django.utils.timezone.now)),
+                ("id", models.BigAutoField(primary_key=True, serialize=False)),
+                (
+                    "side",
+                    models.CharField(
+                        choices=[("legacy", "legacy user table"), ("new", "NewUser")], max_length=10
+                    ),
+                ),
+                ("user_id", models.BigIntegerField()),
+                (
+                    "op",
+                    models.CharField(
+                        choices=[
+                            ("insert", "insert"),
+                            ("update", "update"),
+                            ("delete", "delete"),
+                            ("links", "group or permission links"),
+                            ("cutover", "differed at the cut-over"),
+                        ],
+                        max_length=10,
+                    ),
+                ),
+                ("at", models.DateTimeField(default=django.utils.timezone.now)),
             ],
             options={
-                'verbose_name': 'user change',
-                'indexes': [models.Index(fields=['side', 'user_id'], name='account_changelog_user_idx')],
+                "verbose_name": "user change",
+                "indexes": [
+                    models.Index(fields=["side", "user_id"], name="account_changelog_user_idx")
+                ],
             },
         ),
     ]

@@ -9,20 +9,16 @@ import pytest
 from django.core.management.base import CommandError
 from django.db import connection
 
-from account.models import Address, NewUser, User
+from account.models import NewUser, User
 
+from . import test_cutover
 from .conftest import assert_clean_failure, make_legacy
-from .test_cutover import (  # noqa: F401 (fixtures)
-    NEW,
-    OLD,
-    ON_POSTGRESQL,
-    deploy,
-    deploy1_template,
-    is_cut_over_in,
-    legacy_user,
-    postgresql_only,
-)
+from .test_cutover import NEW, OLD, ON_POSTGRESQL, is_cut_over_in, postgresql_only
 from .test_sync import report_of
+
+# The cut-over tests' databases: a deploy-1 database per test (see test_cutover).
+deploy1_template = test_cutover.deploy1_template
+deploy = test_cutover.deploy
 
 
 def sql(statement, params=()):
