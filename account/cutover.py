@@ -801,6 +801,7 @@ class CarryBack:
     skipped: list = field(default_factory=list)  # NewUser ids not carried (reported)
     changed: Counter = field(default_factory=Counter)  # field -> users
     problems: list = field(default_factory=list)  # (id, reason, detail)
+    live: list = field(default_factory=list)  # ids of problems of users the legacy table holds
     # column -> ids of updated users whose value of that unique column changes
     moved_values: dict = field(default_factory=dict)
 
@@ -1042,6 +1043,8 @@ class Rollback(_Run):
                     if problem := self.problem(pk, values, limits):
                         plan.problems.append((pk, *problem))
                         plan.skipped.append(pk)
+                        if in_legacy is not None:
+                            plan.live.append(pk)
                     else:
                         carried[pk] = _Carried(in_legacy is not None, values, changed)
         # Legacy users gone from NewUser: deleted on the new side, unless left behind.
@@ -1051,7 +1054,8 @@ class Rollback(_Run):
             for pk, problem in sorted(clashes.items()):
                 plan.problems.append((pk, *problem))
                 plan.skipped.append(pk)
-                del carried[pk]
+                if carried.pop(pk).exists:
+                    plan.live.append(pk)
         for pk, row in carried.items():
             final = [row.values[c] for c in COLUMNS]
             if not row.exists:
@@ -1160,6 +1164,15 @@ class Rollback(_Run):
         self.outcome.report = self.write_report(plan.problems)
         reasons = Counter(reason for _, reason, _ in plan.problems)
         listed = ", ".join(f"{reason}: {n}" for reason, n in sorted(reasons.items()))
+        if plan.live:  # leaving them out would drop what the new side wrote (a ban, a password)
+            live = sorted(plan.live)
+            ids = ", ".join(map(str, live[:10])) + (", ..." if len(live) > 10 else "")
+            raise CutoverError(
+                f"{len(live)} users the legacy table holds have new-side changes it cannot take "
+                f"(ids {ids}; {listed}; each listed in {self.outcome.report}). The rollback "
+                "would drop them (a ban, a password), --skip-invalid or not: fix them in "
+                "NewUser and run again. Nothing was changed."
+            )
         if self.skip_invalid:
             self.say(
                 f"  {len(plan.problems)} new users stay out of the legacy table ({listed}), "

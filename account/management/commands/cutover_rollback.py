@@ -13,7 +13,7 @@ class Command(CutoverCommand):
         "passwords, emails, flags, groups and permissions, deleted users), re-point the foreign "
         "keys the cut-over moved back to the legacy table, move admin log entries back, make the "
         "legacy table writable; then validate. Values the legacy schema cannot hold are "
-        "reported and refused (or left out with --skip-invalid). Refuses when NewUser is empty "
+        "reported and refused (signups may be left out with --skip-invalid). Refuses when NewUser is empty "
         "or when it would delete more than 1% of the legacy users (at least 10, at most 1000) "
         "unless --allow-mass-delete. Run again, it changes nothing."
     )
@@ -21,8 +21,9 @@ class Command(CutoverCommand):
     noun = "rollback"
     dry_run_help = "Compare both tables and list what would be carried back; change nothing."
     skip_help = (
-        "Leave new users the legacy schema cannot hold out of the legacy table (reported) "
-        "instead of refusing; a row referencing one still stops the rollback."
+        "Leave signups the legacy schema cannot hold out of the legacy table (reported) "
+        "instead of refusing; a row referencing one still stops the rollback. A user the "
+        "legacy table holds is never left out: its new-side changes would be lost."
     )
 
     def add_arguments(self, parser):
