@@ -212,9 +212,9 @@ class ChangeLog(models.Model):
     """One write to a user table that a trigger watches, appended in the writer's transaction.
 
     After the cut-over, triggers on NewUser and its group and permission links add a row for
-    each insert, update and delete (and the cut-over itself adds one for each user whose
-    NewUser row differed from the legacy row when it switched). The rollback carries back
-    exactly the users named here, not "every user that differs". No personal data: ids only.
+    the first insert, update or delete of each user (one row per user, so the table stays as
+    small as the number of users written). The rollback looks at exactly the users named
+    here, not at "every user that differs", and empties it. No personal data: ids only.
     """
 
     class Side(models.TextChoices):
@@ -226,7 +226,6 @@ class ChangeLog(models.Model):
         UPDATE = "update", "update"
         DELETE = "delete", "delete"
         LINKS = "links", "group or permission links"
-        CUTOVER = "cutover", "differed at the cut-over"
 
     id = models.BigAutoField(primary_key=True)
     side = models.CharField(max_length=10, choices=Side.choices)

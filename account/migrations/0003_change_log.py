@@ -29,7 +29,6 @@ class Migration(migrations.Migration):
                             ("update", "update"),
                             ("delete", "delete"),
                             ("links", "group or permission links"),
-                            ("cutover", "differed at the cut-over"),
                         ],
                         max_length=10,
                     ),

@@ -296,6 +296,26 @@ def test_a_writer_running_through_the_rollback_loses_nothing(deploy):
     assert "Nothing to do: NewUser mirrors the 23 legacy users." in deploy.ok(OLD, "copy_users")
 
 
+def test_the_change_log_holds_one_row_per_user_written(deploy):
+    """It grows with the users written since the cut-over, not with the writes."""
+    deploy.cutover()
+    deploy.python(
+        NEW,
+        "from django.contrib.auth.models import Group\n"
+        "from account.models import NewUser\n"
+        "alice = NewUser.objects.get(username='alice')\n"
+        "for i in range(5):\n"
+        "    alice.full_name = f'Alice {i}'; alice.save()\n"
+        "NewUser.objects.get(username='bob').groups.add(Group.objects.get(name='editors'))\n"
+        "NewUser.objects.create_user('dave', 'dave@example.com', 'pw')",
+    )
+    assert sorted(r[0] for r in deploy.sql("SELECT op FROM account_changelog")) == [
+        "insert", "links", "update",
+    ]  # fmt: skip
+    deploy.rollback()
+    assert deploy.one("SELECT COUNT(*) FROM account_changelog") == 0
+
+
 def test_the_documented_recovery_from_the_cutovers_backup_works(deploy):
     """NewUser lost after the cut-over: the rollback refuses and names the cut-over's backup;
     restoring it with the setting it was taken with, then rolling back, brings everyone back."""
