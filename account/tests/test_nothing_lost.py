@@ -296,6 +296,16 @@ def test_a_writer_running_through_the_rollback_loses_nothing(deploy):
     assert "Nothing to do: NewUser mirrors the 23 legacy users." in deploy.ok(OLD, "copy_users")
 
 
+def test_a_cutover_made_without_a_change_log_is_rolled_back_by_comparing_every_user(deploy):
+    """A database cut over by an earlier version has no change log: nothing may be missed."""
+    deploy.cutover()
+    deploy.python(NEW, "from account import readonly; from account.models import NewUser; "
+                  "readonly.stop_change_log(NewUser)")  # fmt: skip
+    deploy.sql("UPDATE account_newuser SET full_name = 'Unlogged' WHERE username = 'bob'")
+    assert "every user is compared" in deploy.rollback()
+    assert deploy.one("SELECT full_name FROM account_user WHERE username = 'bob'") == "Unlogged"
+
+
 def test_the_change_log_holds_one_row_per_user_written(deploy):
     """It grows with the users written since the cut-over, not with the writes."""
     deploy.cutover()
