@@ -885,13 +885,20 @@ class Rollback(_Run):
         moved = {
             (c["table"], tuple(c["columns"])): c["from"] for c in cutover_log.summary["constraints"]
         }
-        with self.step("check", "the users NewUser's writes touched since the cut-over"):
+        # A cut-over made by an earlier version logged nothing: then every user is compared.
+        self.full_compare = not readonly.is_logging(NewUser, self.alias)
+        what = (
+            "every user is compared (this cut-over kept no change log)"
+            if self.full_compare
+            else "the users NewUser's writes touched since the cut-over"
+        )
+        with self.step("check", what):
             fks = self.moved_back(moved)
             self.say(
                 f"  {len(fks)} foreign keys to move back: {', '.join(map(str, fks)) or 'none'}"
             )
             self.list_views_and_generic_references()
-            self.differed = self.differed_at_the_cutover()
+            self.differed = [] if self.full_compare else self.differed_at_the_cutover()
             self.report(self.plan())
         if self.dry_run:
             with self.step("rehearse", "the switch back, in a transaction rolled back at its end"):
@@ -972,11 +979,18 @@ class Rollback(_Run):
 
     def candidates(self) -> str:
         """A temporary table of the ids the rollback looks at: the change log's, and the users
-        that differed at the cut-over. Returns its name."""
+        that differed at the cut-over (or, without a change log, every user on either side).
+        Returns its name."""
         qn = self.connection.ops.quote_name
         with self.connection.cursor() as cursor:
             cursor.execute(f"DROP TABLE IF EXISTS {CANDIDATES}")
             cursor.execute(f"CREATE TEMPORARY TABLE {CANDIDATES} (id bigint PRIMARY KEY)")
+            if self.full_compare:
+                cursor.execute(
+                    f"INSERT INTO {CANDIDATES} (id) SELECT id FROM {qn(NewUser._meta.db_table)} "
+                    f"UNION SELECT id FROM {qn(User._meta.db_table)}"
+                )
+                return CANDIDATES
             cursor.execute(
                 f"INSERT INTO {CANDIDATES} (id) SELECT DISTINCT user_id "
                 f"FROM {qn(ChangeLog._meta.db_table)} WHERE side = %s",

@@ -195,8 +195,9 @@ def make_writable(model, using: str = "default") -> None:
 
 
 def start_change_log(model, using: str, side: str = ChangeLog.Side.NEW) -> None:
-    """Every insert, update and delete of `model`'s rows and links appends the user's id to
-    ChangeLog (`side`), in the writer's transaction. TRUNCATE, which no row trigger sees, is
+    """The first insert, update or delete of each user's row or links appends the user's id
+    to ChangeLog (`side`), in the writer's transaction; later writes find it there (one row per
+    user, so the log is bounded by the users, not the writes). TRUNCATE, which no row trigger sees, is
     refused (PostgreSQL) unless the engine writes (`engine_writes`)."""
     connection = connections[using]
     qn = connection.ops.quote_name
@@ -215,11 +216,13 @@ def start_change_log(model, using: str, side: str = ChangeLog.Side.NEW) -> None:
                     op text := CASE WHEN TG_ARGV[0] = 'id' THEN lower(TG_OP) ELSE 'links' END;
                 BEGIN
                     IF TG_OP IN ('UPDATE', 'DELETE') AND new_id IS DISTINCT FROM old_id THEN
-                        INSERT INTO {log} {columns} VALUES (%s, old_id,
-                            CASE WHEN op = 'links' THEN op ELSE 'delete' END, now());
+                        INSERT INTO {log} {columns} SELECT %s, old_id,
+                            CASE WHEN op = 'links' THEN op ELSE 'delete' END, now()
+                        WHERE NOT EXISTS (SELECT 1 FROM {log} WHERE side = %s AND user_id = old_id);
                     END IF;
                     IF TG_OP IN ('INSERT', 'UPDATE') THEN
-                        INSERT INTO {log} {columns} VALUES (%s, new_id, op, now());
+                        INSERT INTO {log} {columns} SELECT %s, new_id, op, now()
+                        WHERE NOT EXISTS (SELECT 1 FROM {log} WHERE side = %s AND user_id = new_id);
                     END IF;
                     RETURN NULL;
                 END $$""".replace("%s", "'" + side + "'")
@@ -265,7 +268,9 @@ def start_change_log(model, using: str, side: str = ChangeLog.Side.NEW) -> None:
                 cursor.execute(
                     f"CREATE TRIGGER {qn(log_trigger_name(t, event))} "
                     f"AFTER {event.split('_')[0].upper()} ON {qn(t)} {when}BEGIN "
-                    f"INSERT INTO {log} {columns} VALUES ('{side}', {row}.{col}, '{logged}', {now}); "
+                    f"INSERT INTO {log} {columns} SELECT '{side}', {row}.{col}, '{logged}', {now} "
+                    f"WHERE NOT EXISTS (SELECT 1 FROM {log} WHERE side = '{side}' "
+                    f"AND user_id = {row}.{col}); "
                     "END"
                 )
 
