@@ -96,6 +96,12 @@ SMALL = 900  # ids per IN (...) list: below SQLite's 999 parameters
 # batches; 5,000 rows cost no time against 20,000 at a million users and keep it lower.
 BATCH = 5_000
 NO_DIGEST = "00000000-0000-0000-0000-000000000000"  # matches no row: "changed since"
+# What a link's digest holds of the row it points at (`Sync.digest`): its natural key, the
+# lookups of Django's `natural_key()` as account/backup.py stores them, never an id.
+NATURAL_KEYS = {
+    "auth.group": ("name",),
+    "auth.permission": ("content_type__app_label", "content_type__model", "codename"),
+}
 
 
 class CopyError(CommandError):
@@ -364,13 +370,27 @@ class Sync:
             if len(self.result.live_rejected_ids) < 10:
                 self.result.live_rejected_ids.append(pk)
 
-    def digest(self, model, row: str, *, correlated: bool) -> tuple[str, str]:
+    def digest(
+        self, model, row: str, *, correlated: bool, keys: str = "natural"
+    ) -> tuple[str, str]:
         """SQL for an MD5 digest of a user row `row` of `model` with its links: (joins, expr).
 
         The same expression always gives the same digest for the same values, so comparing
         it with the one SyncState recorded tells whether anything changed. `correlated` reads
         the links per row (cheap for a few rows); otherwise they are joined, grouped once.
+        Both variants give the same digest.
+
+        `keys`: how a link enters the digest. "natural" (what the sync uses): by the natural
+        key of what it points at, as the backup stores it (`NATURAL_KEYS`: a group by its name,
+        a permission by its content type's app label and model and its codename), sorted by
+        that key, so a restore that gives groups and permissions other ids changes no digest.
+        "ids": the formula before migration 0004 (the group and permission ids, sorted by id),
+        kept for 0004, which rewrites the digests recorded with it (and its reverse back), and
+        for `uncopy_users`, which runs after that reverse. Neither formula may change without
+        a migration rewriting SyncState in the same way.
         """
+        if keys not in ("natural", "ids"):
+            raise ValueError(f"keys must be 'natural' or 'ids', not {keys!r}")
         qn, pg = self.qn, self.postgresql
         names = [n for n in FIELDS if n != "id"]
         if model is self.models.new:
@@ -378,28 +398,88 @@ class Sync:
         values = [f"{row}.{self.column(model, n)}" for n in names]
         joins = []
         for i, name in enumerate(LINKS):
-            through, user_col, other_col = self.links(model, name)
-            link_t, user_col, other_col = self.table(through), qn(user_col), qn(other_col)
-            agg = f"array_agg({other_col} ORDER BY {other_col})" if pg else "group_concat(x)"
-            if correlated:
-                inner = f"SELECT {other_col} AS x FROM {link_t} WHERE {user_col} = {row}.id"
-                values.append(
-                    f"(SELECT {agg} FROM {link_t} WHERE {user_col} = {row}.id)"
-                    if pg
-                    else f"(SELECT {agg} FROM ({inner} ORDER BY x))"
+            if keys == "natural":
+                source, user_col, key, order = self.natural_key_links(model, name, f"{row}_k{i}")
+            else:
+                through, user_col, other_col = self.links(model, name)
+                link = f"{row}_k{i}"
+                source = f"{self.table(through)} {link}"
+                user_col = f"{link}.{qn(user_col)}"
+                key, order = f"{link}.{qn(other_col)}", [f"{link}.{qn(other_col)}"]
+            if pg:
+                agg = f"array_agg({key} ORDER BY {', '.join(order)})"
+                if correlated:
+                    values.append(f"(SELECT {agg} FROM {source} WHERE {user_col} = {row}.id)")
+                    continue
+                joins.append(
+                    f"LEFT JOIN (SELECT {user_col} AS u, {agg} AS ids FROM {source} "
+                    f"GROUP BY {user_col}) {row}_l{i} ON {row}_l{i}.u = {row}.id"
                 )
             else:
-                inner = f"SELECT {user_col} AS u, {other_col} AS x FROM {link_t} ORDER BY u, x"
-                source = f"{link_t} GROUP BY {user_col}" if pg else f"({inner}) GROUP BY u"
-                key = user_col if pg else "u"
+                # group_concat follows the order of the rows its subquery sorted.
+                if correlated:
+                    values.append(
+                        f"(SELECT group_concat(x) FROM (SELECT {key} AS x FROM {source} "
+                        f"WHERE {user_col} = {row}.id ORDER BY {', '.join(order)}))"
+                    )
+                    continue
                 joins.append(
-                    f"LEFT JOIN (SELECT {key} AS u, {agg} AS ids FROM {source}) {row}_l{i} "
-                    f"ON {row}_l{i}.u = {row}.id"
+                    f"LEFT JOIN (SELECT u, group_concat(x) AS ids FROM (SELECT {user_col} AS u, "
+                    f"{key} AS x FROM {source} ORDER BY u, {', '.join(order)}) GROUP BY u) "
+                    f"{row}_l{i} ON {row}_l{i}.u = {row}.id"
                 )
-                values.append(f"{row}_l{i}.ids")
+            values.append(f"{row}_l{i}.ids")
         if pg:
             return " ".join(joins), f"md5(ROW({', '.join(values)})::text)::uuid"
         return " ".join(joins), "MD5(" + " || ',' || ".join(f"quote({v})" for v in values) + ")"
+
+    def natural_key_links(self, model, name, alias: str) -> tuple[str, str, str, list[str]]:
+        """The links `model.<name>` by the natural key of what they point at, for `digest`:
+        (FROM source, its user column, the key as one value, the key's ORDER BY terms).
+
+        The source is the link table (as `alias`) joined with the tables of the key (the
+        group; the permission and its content type), found through the models' fields, so
+        historical models work too. PostgreSQL sorts in the "C" collation (byte order) and
+        SQLite in BINARY: the order never depends on the database's collation. The key is one
+        value for one column (a group's name), else a ROW (SQLite: the quoted columns joined
+        by commas, which quoting keeps unambiguous)."""
+        qn, pg = self.qn, self.postgresql
+        m2m = model._meta.get_field(name)
+        through, user_col, other_col = link_table(model, name)
+        target = m2m.remote_field.model
+        source = [f"{self.table(through)} {alias}"]
+        tables = {(): (f"{alias}_0", target)}
+        source.append(
+            f"JOIN {self.table(target)} {alias}_0 "
+            f"ON {alias}_0.{qn(target._meta.pk.column)} = {alias}.{qn(other_col)}"
+        )
+        columns = []
+        for lookup in NATURAL_KEYS[target._meta.label_lower]:
+            *path, last = lookup.split("__")
+            for n in range(len(path)):
+                if tuple(path[: n + 1]) in tables:
+                    continue
+                here, here_model = tables[tuple(path[:n])]
+                fk = here_model._meta.get_field(path[n])
+                there, there_model = f"{alias}_{len(tables)}", fk.remote_field.model
+                source.append(
+                    f"JOIN {self.table(there_model)} {there} ON "
+                    f"{there}.{qn(fk.target_field.column)} = {here}.{qn(fk.column)}"
+                )
+                tables[tuple(path[: n + 1])] = (there, there_model)
+            here, here_model = tables[tuple(path)]
+            columns.append(f"{here}.{self.column(here_model, last)}")
+        collate = 'COLLATE "C"' if pg else "COLLATE BINARY"
+        order = [f"{c} {collate}" for c in columns]
+        if len(columns) == 1:
+            key = columns[0] if pg else f"quote({columns[0]})"
+        else:
+            key = (
+                f"ROW({', '.join(columns)})"
+                if pg
+                else " || ',' || ".join(f"quote({c})" for c in columns)
+            )
+        return " ".join(source), f"{alias}.{qn(user_col)}", key, order
 
     # The steps.
 
@@ -1142,6 +1222,14 @@ def uncopy_users(models: CopyModels, *, alias: str = "default") -> int:
         {fk.table for fk in catalog.foreign_keys_to(new_table, using=alias, exclude=own)}
     )
     _, new_digest = sync.digest(m.new, "n", correlated=True)
+    # `migrate account 0001` reverses 0004 first, which records the digests by ids again: a
+    # row matching either formula is as the sync left it (the ids' one is read only if the
+    # natural keys' one differs).
+    _, by_ids = sync.digest(m.new, "n", correlated=True, keys="ids")
+    changed = (
+        f"CASE WHEN {new_digest} = s.new_digest THEN 0 "
+        f"WHEN {by_ids} = s.new_digest THEN 0 ELSE 1 END = 1"
+    )
     new_t, state_t = sync.table(m.new), sync.table(m.state)
     with transaction.atomic(using=alias):
         sync.utc()
@@ -1158,8 +1246,7 @@ def uncopy_users(models: CopyModels, *, alias: str = "default") -> int:
             ),
             (
                 "copied users were changed on the new side since the last sync",
-                f"SELECT n.id FROM {new_t} n JOIN {state_t} s ON s.user_id = n.id "
-                f"WHERE {new_digest} <> s.new_digest",
+                f"SELECT n.id FROM {new_t} n JOIN {state_t} s ON s.user_id = n.id WHERE {changed}",
             ),
         ):
             ids = [r[0] for r in sync.sql(sql + " ORDER BY n.id")]

@@ -565,3 +565,167 @@ def test_the_sync_never_drops_a_permanent_table_named_like_its_temporary_ones(ru
     with connection.cursor() as cursor:
         tables = connection.introspection.table_names(cursor)
     assert {"sync_plan", "sync_values", "sync_digests"} <= set(tables)
+
+
+# Links are digested by natural key (a group's name; a permission's app label, model and
+# codename), never by id: a restore gives groups and permissions other ids (migration 0004).
+
+
+def digests_now(keys="natural") -> dict:
+    """{user id: (legacy digest, new digest)} of both rows as they are now, by `keys`."""
+    from uuid import UUID
+
+    from django.db import transaction
+
+    sync = usercopy.Sync(models_now(), "default", False, False, 0, None, None)
+    _, legacy = sync.digest(User, "l", correlated=True, keys=keys)
+    _, new = sync.digest(NewUser, "n", correlated=True, keys=keys)
+    with transaction.atomic():
+        sync.utc()
+        rows = sync.sql(
+            f"SELECT l.id, {legacy}, {new} FROM {sync.table(User)} l "
+            f"JOIN {sync.table(NewUser)} n ON n.id = l.id"
+        )
+    return {pk: (UUID(str(a)), UUID(str(b))) for pk, a, b in rows}
+
+
+def recorded() -> dict:
+    return {s.user_id: (s.legacy_digest, s.new_digest) for s in SyncState.objects.all()}
+
+
+def review_permission(model):
+    """A permission of our own, codename `review` on `model`'s content type."""
+    from django.contrib.contenttypes.models import ContentType
+
+    ct = ContentType.objects.get_for_model(model)
+    return Permission.objects.create(codename="review", name="Can review", content_type=ct)
+
+
+def test_a_legacy_edit_after_groups_and_permissions_got_other_ids_is_an_update(run, synced):
+    alice, _ = synced
+    groups = [Group.objects.create(name=name) for name in ("authors", "editors")]
+    perms = [review_permission(Address), Permission.objects.get(codename="view_address")]
+    alice.groups.add(*groups)
+    alice.user_permissions.add(*perms)
+    run("copy_users")
+    new = NewUser.objects.get(pk=alice.pk)
+    assert {g.name for g in new.groups.all()} == {"authors", "editors"}
+    # As a restore into another database leaves them: the same groups and permissions, by
+    # name and natural key, with other ids, re-created in the other order (sorting by id
+    # would now put them the other way round).
+    old_ids = {g.pk for g in groups} | {p.pk for p in perms}
+    for obj in [*groups, perms[0]]:
+        obj.delete()  # its links on both sides with it
+    groups = [Group.objects.create(name=name) for name in ("editors", "authors")]
+    perms[0] = review_permission(Address)
+    for user in (alice, new):
+        user.groups.add(*groups)
+        user.user_permissions.add(perms[0])
+    assert not old_ids & ({g.pk for g in groups} | {perms[0].pk})
+    assert digests_now()[alice.pk] == recorded()[alice.pk]  # neither side changed
+    User.objects.filter(pk=alice.pk).update(full_name="Alice Edited")
+    out, _ = run("copy_users")  # a legacy-only edit: an update, not a conflict
+    assert "update 1" in out and "conflict" not in out
+    out, _ = run("copy_users")
+    assert "Nothing to do" in out
+    new.refresh_from_db()
+    assert new.full_name == "Alice Edited"
+    assert {g.pk for g in new.groups.all()} == {g.pk for g in groups}
+    assert {p.pk for p in new.user_permissions.all()} == {p.pk for p in perms}
+
+
+@pytest.mark.parametrize("side", ["legacy", "new"])
+@pytest.mark.parametrize("what", ["group", "permission"])
+def test_a_link_to_another_group_or_permission_is_a_change_on_its_side(run, synced, side, what):
+    """Another group (another name), or a permission with the same codename on another
+    content type: a change of the side it was made on, whatever the ids."""
+    from account.models import Activity
+
+    alice, bob = synced
+    if what == "group":
+        before, after = Group.objects.create(name="editors"), Group.objects.create(name="authors")
+        field = "groups"
+    else:
+        before, after = review_permission(Address), review_permission(Activity)
+        field = "user_permissions"
+    getattr(alice, field).add(before)
+    run("copy_users")
+    user = alice if side == "legacy" else NewUser.objects.get(pk=alice.pk)
+    getattr(user, field).set([after])
+    if side == "legacy":
+        out, _ = run("copy_users")
+        assert "update 1" in out
+        assert list(getattr(NewUser.objects.get(pk=alice.pk), field).all()) == [after]
+        return
+    out, _ = run("copy_users")
+    assert "Nothing to do" in out  # the new side's change is kept
+    User.objects.filter(pk=alice.pk).update(full_name="Legacy Side")
+    with pytest.raises(CommandError, match="conflict: 1") as info:
+        run("copy_users")
+    assert field in report_of(str(info.value))[alice.pk]["detail"]
+
+
+def test_a_renamed_group_changes_both_sides_and_equal_members_are_synced_again(run, synced):
+    """The price of natural keys: a rename changes the digests of the group's members on
+    both sides. Members whose two sides hold the same values are synced again, no conflict."""
+    alice, _ = synced
+    editors = Group.objects.create(name="editors")
+    alice.groups.add(editors)
+    run("copy_users")
+    Group.objects.filter(pk=editors.pk).update(name="chief editors")
+    out, _ = run("copy_users")
+    assert "update 1" in out and "conflict" not in out
+    out, _ = run("copy_users")
+    assert "Nothing to do" in out
+
+
+def test_migration_0004_rewrites_the_digests_recorded_by_ids_only_where_they_matched(run):
+    """A database synced before 0004 holds digests by ids: 0004 replaces each side's digest
+    with the natural keys' one where the ids' one matched the row as it is, and leaves the
+    sides changed since the last sync changed; its reverse does the opposite."""
+    from importlib import import_module
+    from types import SimpleNamespace
+
+    from django.db.migrations.executor import MigrationExecutor
+
+    migration = import_module("account.migrations.0004_natural_key_digests")
+    apps = MigrationExecutor(connection).loader.project_state(("account", "0003_change_log")).apps
+    editor = SimpleNamespace(connection=connection)
+    names = ("alice", "bob", "carol", "dave", "erin")
+    alice, bob, carol, dave, erin = (make_legacy(n, f"{n}@example.com") for n in names)
+    editors = Group.objects.create(name="editors")
+    perm = review_permission(Address)
+    for user in (alice, bob, carol):
+        user.groups.add(editors)
+        user.user_permissions.add(perm)
+    erin.user_permissions.add(perm)  # a permission, no group
+    run("copy_users")
+    by_ids = digests_now("ids")
+    for pk, (legacy, new) in by_ids.items():  # as the sync recorded them before 0004
+        SyncState.objects.filter(pk=pk).update(legacy_digest=legacy, new_digest=new)
+    # Changed since that sync: bob's legacy row, carol's new row.
+    User.objects.filter(pk=bob.pk).update(full_name="Bob Legacy Edit")
+    NewUser.objects.filter(pk=carol.pk).update(full_name="Carol New Edit")
+    before = recorded()
+    assert before[alice.pk] != digests_now()[alice.pk]  # the old formula's, not the new one's
+
+    migration.ids_to_natural_keys(apps, editor)
+    natural, after = digests_now(), recorded()
+    assert after[alice.pk] == natural[alice.pk] and after[erin.pk] == natural[erin.pk]
+    assert after[dave.pk] == natural[dave.pk] == by_ids[dave.pk]  # no links: the same
+    assert after[bob.pk] == (before[bob.pk][0], natural[bob.pk][1])  # legacy side: changed
+    assert after[carol.pk] == (natural[carol.pk][0], before[carol.pk][1])  # new side: changed
+    assert natural[bob.pk][0] != before[bob.pk][0] and natural[carol.pk][1] != before[carol.pk][1]
+
+    migration.natural_keys_to_ids(apps, editor)
+    assert recorded() == before
+    migration.ids_to_natural_keys(apps, editor)
+    assert recorded() == after
+
+    # The next sync sees what changed since, as it would have before the upgrade.
+    out, _ = run("copy_users")
+    assert "update 1" in out and "conflict" not in out
+    assert NewUser.objects.get(pk=bob.pk).full_name == "Bob Legacy Edit"
+    assert NewUser.objects.get(pk=carol.pk).full_name == "Carol New Edit"
+    out, _ = run("copy_users")
+    assert "Nothing to do" in out
