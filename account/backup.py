@@ -1,19 +1,29 @@
-"""Back up the account tables to JSON Lines and restore them: streaming, checksummed, verified.
+"""Back up the account tables to JSON Lines and restore them: streaming, keyed, verified.
 
-File format (version 3), optionally gzip-compressed (`.jsonl.gz`):
+File format (version 4), optionally gzip-compressed (`.jsonl.gz`):
 
-    line 1:  the manifest: {"format": "account-backup", "version": 3, "created_at": ...,
+    line 1:  the manifest: {"format": "account-backup", "version": 4, "created_at": ...,
              "user_model": AUTH_USER_MODEL, "migrations": {app: [applied migration names]},
              "tables": {table: {"columns": [...], "rows": N}},
              "natural_keys": {"auth.permission": [[app_label, model, codename], ...],
                               "contenttypes.contenttype": [[app_label, model], ...],
                               "auth.group": [[name], ...]},
              "sha256": hex digest of every line after this one,
-             "manifest_sha256": hex digest of this manifest without this field (its keys
-                                sorted, as `manifest_digest` writes it)}
+             "hmac": HMAC-SHA256, keyed with settings.BACKUP_KEY (SECRET_KEY when unset), of
+                     this manifest without "hmac" and "manifest_sha256" (compact JSON, keys
+                     sorted, as `manifest_hmac` writes it): the rows' sha256 with it,
+             "manifest_sha256": hex digest of this manifest without this field, "hmac"
+                                included (keys sorted, as `manifest_digest` writes it)}
     then:    one line per row, table after table: {"t": "account_user", "r": {column: value}}
 
-Version 2 files (no `manifest_sha256`; the checksum covers the rows only) are still read.
+The sha256 digests catch a damaged file; only the HMAC proves that the file is the one a backup
+made with this key wrote: anyone can recompute a digest after changing a row. So a restore
+refuses a file whose HMAC does not match (made with another key, or changed since), whatever
+it is told, and a file without one: versions 2 (no `manifest_sha256`; the digest covers the
+rows only) and 3 (no `hmac`) are restored only when the caller accepts an unkeyed file
+(`accept_unkeyed`, restore_accounts --accept-unkeyed), since nothing proves who wrote them. A
+version 4 manifest without its HMAC is refused outright: the app always writes one. The key
+is never written into the file, nor into any message.
 
 Ids that differ from one database to the next are never written. Permission and content type
 ids depend on the order apps were migrated in, so a link to a permission holds its natural key,
@@ -29,7 +39,7 @@ is linked to the final, timestamped name only when complete; the directory is th
 killed backup leaves only its `.partial` file, which the next backup into that directory removes
 (a partial file still locked belongs to a backup that is running and is left alone).
 
-Restore: checks the manifest (its shape and checksum), the rows' checksum and this database
+Restore: checks the manifest (its checksum, its HMAC, its shape), the rows' checksum and this database
 (migrations, columns, every permission and content type the file names, rows in the way,
 other tables pointing at the rows it would delete, the database role's rights) before it
 writes anything, then loads every table in one transaction: groups are matched by name
@@ -41,6 +51,7 @@ manifest describes, or that the database rejects, rolls the whole restore back.
 import fcntl
 import gzip
 import hashlib
+import hmac
 import os
 import re
 import shutil
@@ -81,8 +92,10 @@ from .models import (
 from .progress import progress
 
 FORMAT = "account-backup"
-VERSION = 3
-READABLE_VERSIONS = (2, 3)  # 2: the same, without manifest_sha256
+VERSION = 4
+READABLE_VERSIONS = (2, 3, 4)
+# Without an HMAC (2: without manifest_sha256 either): read only when the caller accepts them.
+UNKEYED_VERSIONS = (2, 3)
 APPS = ("account", "auth", "admin")
 GZIP_MAGIC = b"\x1f\x8b"
 # The partial files a backup writes (and `.NAME.data.partial`, from format 1).
@@ -194,6 +207,7 @@ class Outcome:
     path: Path
     rows: dict = field(default_factory=dict)
     seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)  # a restore of an unkeyed file says so
 
     @property
     def total(self) -> int:
@@ -201,12 +215,16 @@ class Outcome:
 
     def log(self, kind: str, started_at) -> None:
         """Record the run for the status page: counts and the file name, no personal data."""
+        summary = {"rows": self.rows, "file": self.path.name, "seconds": self.seconds}
+        if self.warnings:  # unkeyed: the file's integrity was not proven
+            summary["unkeyed"] = True
         OperationLog.objects.create(
             kind=kind,
             ok=True,
             started_at=started_at,
-            summary={"rows": self.rows, "file": self.path.name, "seconds": self.seconds},
-            message=f"{self.total} rows, {self.path.name}",
+            summary=summary,
+            message=f"{self.total} rows, {self.path.name}"
+            + (" (unkeyed: its integrity was not proven)" if self.warnings else ""),
         )
 
     def line(self, verb: str) -> str:
@@ -434,6 +452,7 @@ def backup(*, directory, output=None, compress: bool = True, progress=None) -> O
                 },
                 "sha256": digest.hexdigest(),
             }
+            manifest["hmac"] = manifest_hmac(manifest)  # over the rows' sha256 too
             manifest["manifest_sha256"] = manifest_digest(manifest)
             # The manifest first, then the data as it is (gzip members may be concatenated).
             head = gzip.GzipFile(fileobj=full, mode="wb", compresslevel=1) if compress else full
@@ -486,6 +505,65 @@ def manifest_digest(manifest: dict) -> str:
     return hashlib.sha256(orjson.dumps(rest, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
+def _backup_key() -> bytes:
+    """The HMAC key: settings.BACKUP_KEY, or SECRET_KEY when it is empty. Never written out."""
+    return (getattr(settings, "BACKUP_KEY", "") or settings.SECRET_KEY).encode()
+
+
+def _key_name() -> str:
+    """Which setting holds the key, for messages (never the key itself)."""
+    key = getattr(settings, "BACKUP_KEY", "")
+    return "BACKUP_KEY" if key and key != settings.SECRET_KEY else "SECRET_KEY (BACKUP_KEY unset)"
+
+
+def manifest_hmac(manifest: dict) -> str:
+    """HMAC-SHA256 (keyed with `_backup_key()`) of the manifest without its HMAC and its
+    digest, keys sorted: it covers the rows through their sha256."""
+    rest = {k: v for k, v in manifest.items() if k not in ("hmac", "manifest_sha256")}
+    message = orjson.dumps(rest, option=orjson.OPT_SORT_KEYS)
+    return hmac.new(_backup_key(), message, hashlib.sha256).hexdigest()
+
+
+def _check_key(path: Path, manifest: dict, accept_unkeyed: bool) -> None:
+    """Refuse a file whose HMAC does not match (always), or that has none (unless accepted)."""
+    version = manifest["version"]
+    if "hmac" in manifest:
+        mac = manifest["hmac"]
+        if not (
+            isinstance(mac, str)
+            and hmac.compare_digest(mac.encode(), manifest_hmac(manifest).encode())
+        ):
+            raise BackupError(
+                f"{path} does not match its HMAC: it was made with another BACKUP_KEY (or "
+                "SECRET_KEY, when BACKUP_KEY is unset), or changed since; nothing was restored. "
+                f"It was checked with {_key_name()}: set BACKUP_KEY to the key it was made with, "
+                "then restore."
+            )
+    elif version not in UNKEYED_VERSIONS:
+        raise BackupError(
+            f"{path} is a version {version} backup without its HMAC: this app always writes one, "
+            "so the file was changed since it was made; nothing was restored. Restore an "
+            "unchanged copy of it."
+        )
+    elif not accept_unkeyed:
+        raise BackupError(
+            f"{path} is an unkeyed backup (format version {version}, no HMAC): its integrity "
+            "cannot be proven, anyone could have changed it; nothing was restored. Restore it "
+            "only if you trust the file, with --accept-unkeyed."
+        )
+
+
+def unkeyed_warning(path, manifest: dict) -> str | None:
+    """What to tell the user restoring a file without an HMAC (None for a keyed one)."""
+    if "hmac" in manifest:
+        return None
+    return (
+        f"Warning: {path} is an unkeyed backup (format version {manifest['version']}, no HMAC), "
+        "read with --accept-unkeyed: its integrity cannot be proven (anyone could have changed "
+        "it)."
+    )
+
+
 def _is_list_of(value, kind, length=None) -> bool:
     return (
         isinstance(value, list)
@@ -524,8 +602,12 @@ def damaged_part(manifest: dict) -> str | None:
     return None
 
 
-def read_manifest(path) -> dict:
-    """The manifest of a backup file, checked against what this version of the app can read."""
+def read_manifest(path, *, accept_unkeyed: bool = False) -> dict:
+    """The manifest of a backup file, checked against what this version of the app can read.
+
+    Its HMAC must match, and be there: `accept_unkeyed` lets a file of an unkeyed format
+    (versions 2 and 3) through, never one whose HMAC does not match.
+    """
     path = Path(path)
     if not path.is_file():
         raise BackupError(f"No backup file at {path}.")
@@ -539,16 +621,19 @@ def read_manifest(path) -> dict:
         ) from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BackupError(f"{path} is not an account backup made by this app.")
-    if manifest.get("version") not in READABLE_VERSIONS:
+    version = manifest.get("version")
+    if type(version) is not int or version not in READABLE_VERSIONS:
+        *first, last = map(str, READABLE_VERSIONS)
         raise BackupError(
-            f"{path} is backup format version {manifest.get('version')!r}; this app reads "
-            f"versions {' and '.join(map(str, READABLE_VERSIONS))} only (restore it with the "
-            "version of the app that made it)."
+            f"{path} is backup format version {version!r}; this app reads versions "
+            f"{', '.join(first)} and {last} only (restore it with the version of the app that "
+            "made it)."
         )
-    if manifest["version"] >= 3 and manifest.get("manifest_sha256") != manifest_digest(manifest):
+    if version >= 3 and manifest.get("manifest_sha256") != manifest_digest(manifest):
         raise BackupError(
             f"{path} has a damaged manifest (it does not match its checksum); nothing was restored."
         )
+    _check_key(path, manifest, accept_unkeyed)
     broken = damaged_part(manifest)
     if broken:
         raise BackupError(f"{path} has a damaged manifest (see {broken}); nothing was restored.")
@@ -591,6 +676,7 @@ class Plan:
     here: dict[str, int] = field(default_factory=dict)  # what they replace here (existing tables)
     problems: list[str] = field(default_factory=list)  # every refusal, most fundamental first
     notes: list[str] = field(default_factory=list)  # what the dry run should say besides
+    warnings: list[str] = field(default_factory=list)  # said by the dry run and the restore
     # Drop the secondary indexes and rebuild them after loading (PostgreSQL; the role must own
     # the tables to alter them), or load through them.
     build_indexes_after: bool = True
@@ -797,15 +883,17 @@ def _referencing(targets: set[str], backed_up: set[str]) -> list[tuple[str, str,
     return found
 
 
-def plan_restore(path, *, replace: bool = False, read_rows: bool = False) -> Plan:
+def plan_restore(
+    path, *, replace: bool = False, read_rows: bool = False, accept_unkeyed: bool = False
+) -> Plan:
     """Check the file (refusing a damaged or foreign one) and what restoring it would do here.
 
     `read_rows` (the dry run) also reads every row, refusing a line that is not a row the
     manifest describes and row counts that differ from it; a restore checks each row as it
-    loads it instead (and rolls back).
+    loads it instead (and rolls back). `accept_unkeyed`: see `read_manifest`.
     """
     path = Path(path)
-    manifest = read_manifest(path)
+    manifest = read_manifest(path, accept_unkeyed=accept_unkeyed)
     rows = verify_file(path, manifest)
     if read_rows:
         by_name = {t.name: t for t in tables()}
@@ -819,6 +907,7 @@ def plan_restore(path, *, replace: bool = False, read_rows: bool = False) -> Pla
                     "file is damaged; nothing was restored."
                 )
     plan = Plan(path=path, manifest=manifest, replace=replace, rows=rows)
+    plan.warnings = [w for w in [unkeyed_warning(path, manifest)] if w]
     try:
         plan.check()
     except OperationalError:
@@ -1020,10 +1109,14 @@ class _Loader:
         return table.model.objects.count()
 
 
-def restore(path, *, replace=False, progress=None) -> Outcome:
-    """Check a backup and this database, then load the file in one transaction."""
+def restore(path, *, replace=False, progress=None, accept_unkeyed=False) -> Outcome:
+    """Check a backup and this database, then load the file in one transaction.
+
+    `accept_unkeyed`: restore a file of an unkeyed format too (see `read_manifest`); the
+    outcome's warnings then say that its integrity cannot be proven.
+    """
     started = time.perf_counter()
-    plan = plan_restore(path, replace=replace)
+    plan = plan_restore(path, replace=replace, accept_unkeyed=accept_unkeyed)
     if plan.problems:
         raise BackupError(plan.problems[0])
     if progress:
@@ -1035,5 +1128,6 @@ def restore(path, *, replace=False, progress=None) -> Outcome:
             f"{plan.path} could not be loaded ({_first_line(exc)}); rolled back, nothing changed."
         ) from exc
     outcome = Outcome(path=plan.path, rows={t.name: plan.rows[t.name] for t in plan.tables})
+    outcome.warnings = plan.warnings
     outcome.seconds = time.perf_counter() - started
     return outcome

@@ -190,6 +190,9 @@ PHONENUMBER_DEFAULT_REGION = "NP"
 # Where the data-migration reports and the JSON backups go.
 REPORT_DIR = env.path("REPORT_DIR", default=BASE_DIR / "reports")
 BACKUP_DIR = env.path("BACKUP_DIR", default=BASE_DIR / "backups")
+# The key of the backups' HMAC (account/backup.py): keep it with the backups' secrets; a
+# restore refuses a file made with another key. Unset or empty: SECRET_KEY.
+BACKUP_KEY = env.str("BACKUP_KEY", default="") or SECRET_KEY
 
 # Policy of the user copy (migration 0002 and `copy_users`): by default one bad legacy row
 # stops the whole copy. With this on, valid rows are copied and bad ones stay behind, reported.

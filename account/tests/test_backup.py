@@ -3,6 +3,7 @@
 import fcntl
 import gzip
 import hashlib
+import hmac
 import os
 import re
 import stat
@@ -87,7 +88,7 @@ def test_manifest_describes_the_file(run, populated, settings):
     with gzip.open(path) as f:
         manifest = orjson.loads(f.readline())
         lines = sum(1 for _ in f)
-    assert manifest["format"] == "account-backup" and manifest["version"] == 3
+    assert manifest["format"] == "account-backup" and manifest["version"] == 4
     assert "0002_copy_legacy_users" in manifest["migrations"]["account"]
     assert manifest["user_model"] == "account.NewUser"
     assert sum(t["rows"] for t in manifest["tables"].values()) == lines
@@ -95,6 +96,12 @@ def test_manifest_describes_the_file(run, populated, settings):
     assert manifest["tables"]["django_admin_log"]["rows"] == 2
     assert len(manifest["sha256"]) == 64
     assert manifest["manifest_sha256"] == backup_module.manifest_digest(manifest)
+    # The HMAC, as the module's docstring describes it (computed here without its code).
+    rest = {k: v for k, v in manifest.items() if k not in ("hmac", "manifest_sha256")}
+    key = settings.BACKUP_KEY.encode()
+    assert key and settings.BACKUP_KEY == settings.SECRET_KEY  # the tests set no BACKUP_KEY
+    message = orjson.dumps(rest, option=orjson.OPT_SORT_KEYS)
+    assert manifest["hmac"] == hmac.new(key, message, hashlib.sha256).hexdigest()
 
 
 def test_permissions_groups_and_content_types_are_written_by_natural_key(run, populated, settings):
@@ -147,26 +154,36 @@ def _truncate(path):
     path.write_bytes(data[: len(data) - len(data) // 4])
 
 
-def _rewrite_manifest(path, change, sign=True):
-    """Change the manifest; `sign` its checksum anew, as someone forging a file would."""
+def _sign(manifest, sign):
+    """Make the manifest's HMAC and digest anew, those it holds: `sign="key"` both, as someone
+    holding this database's BACKUP_KEY would; "checksum" the digest only, as anyone can; None
+    neither."""
+    if sign == "key" and "hmac" in manifest:
+        manifest["hmac"] = backup_module.manifest_hmac(manifest)
+    if sign in ("key", "checksum") and "manifest_sha256" in manifest:
+        manifest["manifest_sha256"] = backup_module.manifest_digest(manifest)
+
+
+def _rewrite_manifest(path, change, sign="key"):
+    """Change the manifest, then `_sign` it: as someone forging a file would."""
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
         manifest = orjson.loads(f.readline())
         rest = f.read()
     change(manifest)
-    if sign:
-        manifest["manifest_sha256"] = backup_module.manifest_digest(manifest)
+    _sign(manifest, sign)
     with opener(path, "wb") as f:
         f.write(orjson.dumps(manifest) + b"\n" + rest)
 
 
-def _rewrite_rows(path, change):
-    """Change the data lines (a list of bytes), checksums made anew: a hand-made file."""
+def _rewrite_rows(path, change, sign="key"):
+    """Change the data lines (a list of bytes), the rows' checksum made anew and the manifest
+    signed (`_sign`): a hand-made file."""
     manifest, *lines = path.read_bytes().splitlines(keepends=True)
     change(lines)
     manifest = orjson.loads(manifest)
     manifest["sha256"] = hashlib.sha256(b"".join(lines)).hexdigest()
-    manifest["manifest_sha256"] = backup_module.manifest_digest(manifest)
+    _sign(manifest, sign)
     path.write_bytes(orjson.dumps(manifest) + b"\n" + b"".join(lines))
 
 
@@ -184,7 +201,7 @@ def _manifest_without_counts(path):
 
 def _manifest_edited(path):
     # One more row counted, the manifest's checksum left as it was.
-    _rewrite_manifest(path, lambda m: m["tables"]["account_user"].update(rows=1), sign=False)
+    _rewrite_manifest(path, lambda m: m["tables"]["account_user"].update(rows=1), sign=None)
 
 
 DAMAGES = [
@@ -357,18 +374,211 @@ def test_a_row_with_a_value_its_column_cannot_take_is_rolled_back_in_one_line(
     assert everything() == before
 
 
-def test_a_version_2_file_is_still_restored(run, populated, settings):
+# --- the key: a file is restored only if its HMAC proves it was written with this key --------
+
+ANOTHER_KEY = "another-backup-key-of-another-machine-0123456789"
+
+
+def _make_a_superuser(lines):
+    """The attack: a user given superuser rights inside the file."""
+    for i, line in enumerate(lines):
+        record = orjson.loads(line)
+        if record["t"] == "account_newuser" and not record["r"]["is_superuser"]:
+            record["r"]["is_superuser"] = True
+            lines[i] = orjson.dumps(record) + b"\n"
+            return
+    raise AssertionError("no user without superuser rights in the backup")
+
+
+def _claim_version(version):
+    """Make a version 4 manifest look like an older, unkeyed one (a downgrade)."""
+
+    def change(manifest):
+        manifest["version"] = version
+        del manifest["hmac"]
+        if version == 2:
+            del manifest["manifest_sha256"]
+
+    return change
+
+
+def _checksums_hold(path) -> bool:
+    """Whether the file's sha256 and manifest_sha256 are right (so only the HMAC can tell)."""
+    manifest, *lines = path.read_bytes().splitlines(keepends=True)
+    manifest = orjson.loads(manifest)
+    return manifest["sha256"] == hashlib.sha256(b"".join(lines)).hexdigest() and manifest.get(
+        "manifest_sha256", backup_module.manifest_digest(manifest)
+    ) == backup_module.manifest_digest(manifest)
+
+
+MISMATCH = (
+    r"does not match its HMAC: it was made with another BACKUP_KEY \(or SECRET_KEY, when "
+    r"BACKUP_KEY is unset\), or changed since; nothing was restored\. It was checked with "
+    r"SECRET_KEY \(BACKUP_KEY unset\): set BACKUP_KEY to the key it was made with, then restore\."
+)
+EVERY_WAY = [[], ["--accept-unkeyed"], ["--dry-run"], ["--dry-run", "--accept-unkeyed"]]
+
+
+def _refusal(run, path, flags) -> str:
+    with pytest.raises(CommandError) as refusal:
+        run("restore_accounts", str(path), "--replace", *flags)
+    message = str(refusal.value)
+    assert len(message.splitlines()) == 1, message
+    return message
+
+
+@pytest.mark.parametrize("flags", EVERY_WAY)
+def test_a_row_changed_with_its_checksums_made_anew_is_refused(run, populated, settings, flags):
+    path = backup_path(run, settings, "--no-gzip")
+    _rewrite_rows(path, _make_a_superuser, sign="checksum")
+    assert _checksums_hold(path)
+    before = everything()
+    assert re.search(MISMATCH, _refusal(run, path, flags))
+    assert everything() == before
+
+
+# Manifests changed by someone without the key, their digest made anew.
+MANIFEST_FORGERIES = [
+    lambda m: m.update(version=3),  # a downgrade that keeps the HMAC: it covers the version
+    lambda m: m["natural_keys"]["auth.group"].append(["admins"]),
+    lambda m: m["tables"]["account_newuser"].update(
+        rows=m["tables"]["account_newuser"]["rows"] + 1
+    ),
+    lambda m: m.update(hmac=m["hmac"].upper()),
+    lambda m: m.update(hmac=None),
+]
+
+
+@pytest.mark.parametrize("forge", MANIFEST_FORGERIES)
+@pytest.mark.parametrize("flags", [[], ["--dry-run", "--accept-unkeyed"]])
+def test_a_manifest_changed_without_the_key_is_refused(run, populated, settings, forge, flags):
+    path = backup_path(run, settings)
+    _rewrite_manifest(path, forge, sign="checksum")
+    before = everything()
+    assert re.search(MISMATCH, _refusal(run, path, flags))
+    assert everything() == before
+
+
+@pytest.mark.parametrize("version", [2, 3])
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_a_downgrade_to_an_unkeyed_version_is_refused_without_the_flag(
+    run, populated, settings, version, dry_run
+):
+    # The attack in full: a superuser made in the file, the checksums made anew, and the
+    # manifest passed off as an older format that had no HMAC.
+    path = backup_path(run, settings, "--no-gzip")
+    _rewrite_rows(path, _make_a_superuser, sign="checksum")
+    _rewrite_manifest(path, _claim_version(version), sign="checksum")
+    assert _checksums_hold(path)
+    before = everything()
+    message = _refusal(run, path, ["--dry-run"] if dry_run else [])
+    assert message.endswith(
+        f"{path} is an unkeyed backup (format version {version}, no HMAC): its integrity cannot "
+        "be proven, anyone could have changed it; nothing was restored. Restore it only if you "
+        "trust the file, with --accept-unkeyed."
+    )
+    assert everything() == before
+
+
+@pytest.mark.parametrize("version", [2, 3])
+def test_an_unkeyed_file_is_restored_with_the_flag_which_says_so(run, populated, settings, version):
     path = backup_path(run, settings)
     before = everything()
-
-    def version_2(manifest):
-        manifest.update(version=2)
-        del manifest["manifest_sha256"]
-
-    _rewrite_manifest(path, version_2, sign=False)
+    _rewrite_manifest(path, _claim_version(version), sign="checksum")
     NewUser.objects.filter(username="padded").update(full_name="Changed Since")
+    warning = (
+        f"Warning: {path} is an unkeyed backup (format version {version}, no HMAC), read with "
+        "--accept-unkeyed: its integrity cannot be proven (anyone could have changed it)."
+    )
+    out, err = run("restore_accounts", str(path), "--replace", "--dry-run", "--accept-unkeyed")
+    assert err.strip() == warning
+    assert "is unkeyed (its integrity cannot be proven)" in out and "intact" not in out
+    out, err = run("restore_accounts", str(path), "--replace", "--accept-unkeyed")
+    assert "Restored" in out and err.strip() == warning
+    assert everything() == before
+    log = OperationLog.objects.filter(kind="restore").first()
+    assert log.summary["unkeyed"] is True and "integrity was not proven" in log.message
+
+
+@pytest.mark.parametrize("flags", EVERY_WAY)
+def test_a_version_4_manifest_without_its_hmac_is_refused_even_with_the_flag(
+    run, populated, settings, flags
+):
+    path = backup_path(run, settings)
+    _rewrite_manifest(path, lambda manifest: manifest.pop("hmac"), sign="checksum")
+    before = everything()
+    assert _refusal(run, path, flags).endswith(
+        f"{path} is a version 4 backup without its HMAC: this app always writes one, so the file "
+        "was changed since it was made; nothing was restored. Restore an unchanged copy of it."
+    )
+    assert everything() == before
+
+
+@pytest.mark.parametrize("flags", EVERY_WAY)
+def test_a_file_made_with_another_key_is_refused_even_with_the_flag(
+    run, populated, settings, flags
+):
+    path = backup_path(run, settings)
+    settings.BACKUP_KEY = ANOTHER_KEY
+    before = everything()
+    message = _refusal(run, path, flags)
+    assert "does not match its HMAC" in message and "It was checked with BACKUP_KEY:" in message
+    assert ANOTHER_KEY not in message and settings.SECRET_KEY not in message
+    assert everything() == before
+
+
+def test_the_backup_key_restores_on_another_machine_and_never_appears(run, populated, settings):
+    settings.BACKUP_KEY = ANOTHER_KEY
+    path = backup_path(run, settings, "--no-gzip")
+    before = everything()
+    data = path.read_bytes()
+    assert ANOTHER_KEY.encode() not in data and settings.SECRET_KEY.encode() not in data
+    # Another machine: another SECRET_KEY, the same BACKUP_KEY.
+    settings.SECRET_KEY = "the-secret-key-of-the-machine-that-restores-0123456789"
+    NewUser.objects.filter(username="padded").update(full_name="Changed Since")
+    out, err = run("restore_accounts", str(path), "--replace", "--dry-run")
+    assert "is intact (its HMAC matches)" in out and err == ""
     run("restore_accounts", str(path), "--replace")
     assert everything() == before
+    # BACKUP_KEY left unset there: SECRET_KEY is the key, and it is another one.
+    settings.BACKUP_KEY = ""
+    message = _refusal(run, path, [])
+    assert "checked with SECRET_KEY (BACKUP_KEY unset)" in message
+    assert ANOTHER_KEY not in message and settings.SECRET_KEY not in message
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backup_key", [None, ""], ids=["unset", "empty"])
+def test_backup_key_unset_or_empty_in_the_environment_is_the_secret_key(run, settings, backup_key):
+    # Not `populated`: the copy it runs holds its tables locked until the test ends.
+    secret = "the-secret-key-the-backup-was-made-with-0123456789"
+    settings.BACKUP_KEY = secret
+    path = backup_path(run, settings)
+
+    def dry_run(secret_key):
+        env = subprocess_env(SECRET_KEY=secret_key)
+        env.pop("BACKUP_KEY", None)
+        if backup_key is not None:
+            env["BACKUP_KEY"] = backup_key
+        command = [sys.executable, str(ROOT / "manage.py"), "restore_accounts", str(path),
+                   "--replace", "--dry-run"]  # fmt: skip
+        return subprocess.run(command, env=env, capture_output=True, text=True)
+
+    proc = dry_run(secret)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "is intact (its HMAC matches)" in proc.stdout
+    proc = dry_run("another-secret-key-0123456789-0123456789-0123456789")
+    assert_clean_failure(proc, "does not match its HMAC", "checked with SECRET_KEY (BACKUP_KEY")
+    assert secret not in proc.stdout + proc.stderr
+
+
+def test_the_flags_help_says_the_files_integrity_cannot_be_proven():
+    from account.management.commands.restore_accounts import Command
+
+    text = " ".join(Command().create_parser("manage.py", "restore_accounts").format_help().split())
+    assert "--accept-unkeyed Also read a backup of an old, unkeyed format (version 2 or 3" in text
+    assert "Its integrity cannot be proven: anyone could have changed it" in text
+    assert "A file whose HMAC does not match is refused all the same." in text
 
 
 def test_restore_refuses_tables_with_rows_unless_replace(run, populated, settings):

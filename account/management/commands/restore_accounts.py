@@ -12,10 +12,12 @@ from account.models import OperationLog
 class Command(OneLineErrorCommand):
     script = "scripts/restore.py"
     help = (
-        "Check a backup's manifest and checksum and this database, then restore every table "
-        "it holds in one transaction and reset the id sequences. Permissions, content types "
-        "and groups are matched by natural key. Refuses a corrupted, truncated, foreign or "
-        "malformed file, a permission this database lacks, tables that already hold rows unless "
+        "Check a backup's manifest, checksum and HMAC (keyed with BACKUP_KEY, or SECRET_KEY "
+        "when unset) and this database, then restore every table it holds in one transaction "
+        "and reset the id sequences. Permissions, content types and groups are matched by "
+        "natural key. Refuses a corrupted, truncated, foreign or malformed file, a file whose "
+        "HMAC does not match (made with another key, or changed since) or that has none (unless "
+        "--accept-unkeyed), a permission this database lacks, tables that already hold rows unless "
         "--replace, other tables pointing at the rows it would delete, and a database role "
         "without the rights a restore needs."
     )
@@ -37,11 +39,22 @@ class Command(OneLineErrorCommand):
             "go ahead, 1 when it would refuse or the file is damaged (the reason on stderr, "
             "also at -v 0).",
         )
+        parser.add_argument(
+            "--accept-unkeyed",
+            action="store_true",
+            help="Also read a backup of an old, unkeyed format (version 2 or 3, without an HMAC). "
+            "Its integrity cannot be proven: anyone could have changed it (given a user "
+            "superuser rights, say) and recomputed its checksums. Use it only for a file you "
+            "trust. A file whose HMAC does not match is refused all the same.",
+        )
 
-    def handle(self, *args, file, replace, dry_run, verbosity, **options):
+    def handle(self, *args, file, replace, dry_run, accept_unkeyed, verbosity, **options):
         try:
             if dry_run:
-                plan = plan_restore(file, replace=replace, read_rows=True)
+                plan = plan_restore(
+                    file, replace=replace, read_rows=True, accept_unkeyed=accept_unkeyed
+                )
+                self.warn(plan.warnings)
                 self.report(plan, verbosity)
                 if plan.problems:
                     raise BackupError(f"Dry run: a restore would refuse: {plan.problems[0]}")
@@ -49,7 +62,9 @@ class Command(OneLineErrorCommand):
             started_at = timezone.now()
             progress = Progress("restore", verbosity=verbosity, stdout=self.stdout)
             try:
-                outcome = restore(file, replace=replace, progress=progress)
+                outcome = restore(
+                    file, replace=replace, progress=progress, accept_unkeyed=accept_unkeyed
+                )
             finally:
                 progress.close()
         except BackupError as exc:
@@ -57,6 +72,12 @@ class Command(OneLineErrorCommand):
         outcome.log(OperationLog.Kind.RESTORE, started_at)
         if verbosity > 0:
             self.stdout.write(self.style.SUCCESS(outcome.line("Restored")))
+        self.warn(outcome.warnings)
+
+    def warn(self, warnings):
+        """On stderr, at every verbosity: a file read with --accept-unkeyed is unproven."""
+        for warning in warnings:
+            self.stderr.write(self.style.WARNING(warning))
 
     def report(self, plan, verbosity):
         """What the restore would do, table by table, and every reason it would refuse."""
@@ -80,6 +101,11 @@ class Command(OneLineErrorCommand):
             verdict = f"a restore would write {total} rows" + (
                 f" and replace {replaced} rows here" if replaced else ""
             )
+        state = (
+            "matches its checksums, but is unkeyed (its integrity cannot be proven)"
+            if plan.warnings
+            else "is intact (its HMAC matches)"
+        )
         self.stdout.write(
-            self.style.SUCCESS(f"Dry run: {plan.path} is intact; {verdict}. Nothing was written.")
+            self.style.SUCCESS(f"Dry run: {plan.path} {state}; {verdict}. Nothing was written.")
         )
