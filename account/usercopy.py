@@ -35,6 +35,14 @@ that reads the legacy table in one snapshot (REPEATABLE READ on PostgreSQL):
 6. verify every row written against its legacy row, field by field and link by link, with
    rules of its own; any difference rolls everything back;
 7. record the digests of every user written in SyncState.
+
+On PostgreSQL, once migration 0005 installed its triggers (`account.changecapture`), the
+change log (ChangeLog, side 'legacy') names every user written since the last sync: the sync
+reads it in the same snapshot, runs steps 2 to 7 for exactly those users (a temporary table of
+candidates), deletes exactly the log rows it read in the same transaction, and logs the users
+it rejected again ('pending'), so that the next sync looks at them as a full compare would. It
+compares every user when the log cannot be trusted (`Sync.choose_source`), with `full`, and
+always on SQLite.
 """
 
 import csv
