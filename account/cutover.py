@@ -85,7 +85,7 @@ from .models import ChangeLog, NewUser, OperationLog, Profile, SyncState, User
 from .normalize import Rejected, normalize_email, normalize_phone
 
 MODELS = usercopy.CopyModels(
-    legacy=User, new=NewUser, profile=Profile, state=SyncState, log=OperationLog
+    legacy=User, new=NewUser, profile=Profile, state=SyncState, log=OperationLog, changes=ChangeLog
 )
 SETTING = {User: "account.User", NewUser: "account.NewUser"}
 # The user columns the rollback compares and carries back: the ones the sync copies, but the id.

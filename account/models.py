@@ -211,10 +211,16 @@ class OperationLog(models.Model):
 class ChangeLog(models.Model):
     """One write to a user table that a trigger watches, appended in the writer's transaction.
 
-    After the cut-over, triggers on NewUser and its group and permission links add a row for
-    the first insert, update or delete of each user (one row per user, so the table stays as
-    small as the number of users written). The rollback looks at exactly the users named
-    here, not at "every user that differs", and empties it. No personal data: ids only.
+    Side 'new': after the cut-over, triggers on NewUser and its group and permission links add
+    a row for the first insert, update or delete of each user (one row per user, so the table
+    stays as small as the number of users written). The rollback looks at exactly the users
+    named here, not at "every user that differs", and empties it.
+
+    Side 'legacy' (PostgreSQL, `account.changecapture`): before the cut-over, triggers on the
+    legacy user table and its links append a row for every write; 'full' rows (user 0) ask the
+    next sync to compare every user. `copy_users` syncs the users it reads here and deletes
+    the rows it read; 'pending' rows keep the users it rejected (or found in conflict) in view.
+    No personal data: ids only.
     """
 
     class Side(models.TextChoices):
@@ -226,6 +232,8 @@ class ChangeLog(models.Model):
         UPDATE = "update", "update"
         DELETE = "delete", "delete"
         LINKS = "links", "group or permission links"
+        FULL = "full", "compare every user"
+        PENDING = "pending", "rejected or in conflict at the last sync"
 
     id = models.BigAutoField(primary_key=True)
     side = models.CharField(max_length=10, choices=Side.choices)

@@ -35,7 +35,9 @@ class Command(CopyCommand):
         if not result.pending:
             self.stdout.write(
                 self.style.SUCCESS(
-                    f"Nothing to do: NewUser mirrors the {result.legacy_total} legacy users."
+                    "Nothing to do: no legacy user was written since the last sync (change log)."
+                    if result.legacy_total is None
+                    else f"Nothing to do: NewUser mirrors the {result.legacy_total} legacy users."
                 )
             )
         elif result.rejected_total:

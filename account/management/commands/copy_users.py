@@ -5,7 +5,7 @@ from django.core.management.base import CommandError
 
 from account.dbutil import table_exists
 from account.management.base import OneLineErrorCommand
-from account.models import NewUser, OperationLog, Profile, SyncState, User
+from account.models import ChangeLog, NewUser, OperationLog, Profile, SyncState, User
 from account.progress import progress
 from account.usercopy import BATCH, CopyError, CopyModels, copy_users
 
@@ -37,6 +37,12 @@ class Command(OneLineErrorCommand):
             f"the sync writes, the new rows verified (default: {BATCH}). Memory holds about two "
             "batches, plus the ids of rejected and deleted users.",
         )
+        parser.add_argument(
+            "--full",
+            action="store_true",
+            help="Compare every legacy user with its sync state, as the first copy does, even "
+            "when the change log (PostgreSQL) says which users were written since the last sync.",
+        )
         if not self.dry_run_default:
             parser.add_argument(
                 "--dry-run",
@@ -44,7 +50,7 @@ class Command(OneLineErrorCommand):
                 help="Check every row and write the report, but write nothing to the database.",
             )
 
-    def handle(self, *args, skip_invalid, batch_size, verbosity, **options):
+    def handle(self, *args, skip_invalid, batch_size, verbosity, full, **options):
         dry_run = options.get("dry_run", self.dry_run_default)
         if batch_size <= 0:
             raise CommandError("--batch-size must be greater than 0")
@@ -63,8 +69,14 @@ class Command(OneLineErrorCommand):
         try:
             result = copy_users(
                 CopyModels(
-                    legacy=User, new=NewUser, profile=Profile, state=SyncState, log=OperationLog
+                    legacy=User,
+                    new=NewUser,
+                    profile=Profile,
+                    state=SyncState,
+                    log=OperationLog,
+                    changes=ChangeLog,
                 ),
+                full=full,
                 skip_invalid=skip_invalid,
                 dry_run=dry_run,
                 batch_size=batch_size,
@@ -84,9 +96,13 @@ class Command(OneLineErrorCommand):
         if not result.pending:
             self.stdout.write(
                 self.style.SUCCESS(
-                    f"Nothing to do: NewUser mirrors the {result.legacy_total} legacy users."
+                    "Nothing to do: no legacy user was written since the last sync (change log)."
+                    if result.legacy_total is None
+                    else f"Nothing to do: NewUser mirrors the {result.legacy_total} legacy users."
                 )
             )
+            if verbosity >= 2:
+                self.stdout.write(result.source_line())
             return
         for line in result.lines():
             self.stdout.write(line)
