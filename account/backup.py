@@ -487,11 +487,14 @@ def _open_in(path: Path):
     return gzip.open(path, "rb") if magic == GZIP_MAGIC else open(path, "rb")  # noqa: SIM115
 
 
-def _data_lines(f, chunk_size=1 << 20):
-    """The lines after the manifest, read in large chunks (much faster than readline on gzip)."""
+def _data_lines(f, chunk_size=1 << 20, digest=None):
+    """The lines after the manifest, read in large chunks (much faster than readline on gzip).
+    `digest` (a hashlib object) is fed every byte read, as `verify_file` hashes them."""
     f.readline()
     rest = b""
     while chunk := f.read(chunk_size):
+        if digest is not None:
+            digest.update(chunk)
         lines = (rest + chunk).split(b"\n")
         rest = lines.pop()
         yield from lines
@@ -950,10 +953,10 @@ def _first_line(exc: Exception) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
-def _records(path: Path):
+def _records(path: Path, digest=None):
     """(line number, table, row) for each data line; refuses a line that is not a row."""
     with _open_in(path) as f:
-        for n, line in enumerate(_data_lines(f), 2):
+        for n, line in enumerate(_data_lines(f, digest=digest), 2):
             try:
                 record = orjson.loads(line)
             except orjson.JSONDecodeError:
@@ -972,7 +975,7 @@ def _records(path: Path):
             yield n, record["t"], record["r"]
 
 
-def table_rows(path: Path, manifest: dict):
+def table_rows(path: Path, manifest: dict, digest=None):
     """The file's rows, table after table: (table, its rows as tuples in its columns' order).
 
     The checksum proves a file is the one that was written, not that it holds rows: each line
@@ -980,7 +983,7 @@ def table_rows(path: Path, manifest: dict):
     another. Each table's rows must be read before the next table's.
     """
     specs, seen = manifest["tables"], set()
-    for name, group in groupby(_records(path), key=itemgetter(1)):
+    for name, group in groupby(_records(path, digest), key=itemgetter(1)):
         if name not in specs or name in seen:
             n = next(group)[0]
             where = "its manifest does not list" if name not in specs else "came earlier"
@@ -1032,13 +1035,21 @@ class _Loader:
                         for table in reversed(plan.emptied):
                             cursor.execute(f"DELETE FROM {connection.ops.quote_name(table.name)}")
                 # Lines come table after table: one streamed COPY (or bulk_create) per table.
-                for name, rows in table_rows(plan.path, plan.manifest):
+                # The bytes loaded are hashed again: a file changed after its check (the
+                # check and the load read it twice) is rolled back, never committed.
+                digest = hashlib.sha256()
+                for name, rows in table_rows(plan.path, plan.manifest, digest):
                     if name not in by_name:  # no table here, so the manifest counted 0 rows
                         raise BackupError(
                             f"{plan.path} holds rows of {name}, which its manifest does not "
                             "count; the file is damaged, nothing was restored."
                         )
                     self.load(by_name[name], rows)
+            if digest.hexdigest() != plan.manifest.get("sha256"):
+                raise BackupError(
+                    f"{plan.path} changed while it was restored (its rows no longer match the "
+                    "checksum its HMAC covers); rolled back, nothing changed."
+                )
             reset_sequences([t.model for t in plan.tables])
             for table in plan.tables:
                 if self.count(table) != plan.rows[table.name]:

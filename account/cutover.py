@@ -575,12 +575,18 @@ class _Run:
         """Name what reads or points at the source table and does not move with the swap."""
         source, target = self.source._meta.db_table, self.target._meta.db_table
         who = "legacy users" if self.source is User else "new users"
-        self.outcome.views = catalog.views_on(source, using=self.alias)
-        for view in self.outcome.views:
-            self.say(
-                f"  note: the view {view} reads {source}, which is frozen after the switch: "
-                f"re-create it over {target} (docs/cutover.md, Views)"
-            )
+        # The user table and its group and permission links freeze together.
+        frozen = [source, *sorted(readonly.link_tables(self.source))]
+        self.outcome.views = []
+        for table in frozen:
+            for view in catalog.views_on(table, using=self.alias):
+                if view in self.outcome.views:
+                    continue
+                self.outcome.views.append(view)
+                self.say(
+                    f"  note: the view {view} reads {table}, which is frozen after the switch: "
+                    f"re-create it over {target}'s tables (docs/cutover.md, Views)"
+                )
         self.outcome.generic_references = _generic_references(self.source, self.alias)
         for pair, n in self.outcome.generic_references.items():
             self.say(
@@ -642,8 +648,12 @@ class Cutover(_Run):
 
     kind = OperationLog.Kind.CUTOVER
     source, target = User, NewUser
-    # The same person on both sides: the copy keeps ids, the sync carries renames.
-    same_person = "s.username = t.username"
+    # The same person on both sides: the copy keeps ids and the sync carries renames; a user
+    # the copy made (a SyncState row) stays the same person when renamed on the new side.
+    same_person = (
+        f"(s.username = t.username OR EXISTS (SELECT 1 FROM "
+        f"{SyncState._meta.db_table} ss WHERE ss.user_id = s.id))"
+    )
 
     def run(self) -> Outcome:
         self.check_setting()
@@ -711,13 +721,16 @@ class Cutover(_Run):
         return fks
 
     def rehearse(self):
-        """The dry run does the swap itself, then rolls it back: whatever the real run's swap
-        would refuse (a lock, a constraint, a partitioned table, a missing table, the role's
-        rights), the dry run refuses too. It takes the swap's locks, for as long as the swap."""
+        """The dry run does the switch itself, final sync (writing) and swap, then rolls it
+        back: whatever the real run's switch would refuse (rejected rows, a lock, a
+        constraint, a partitioned table, a missing table, the role's rights), the dry run
+        refuses too. It takes the switch's locks, for as long as the switch."""
         self.check_backup_dir()
         outcome = replace(self.outcome, constraints=[])
         try:
             with self.switch_transaction() as editor:
+                self.lock([User])
+                self.sync(_foreign_keys_to(User, self.alias), final=True, dry_run=False)
                 self.swap(editor)
                 raise _Rehearsed
         except _Rehearsed:
@@ -726,14 +739,16 @@ class Cutover(_Run):
             self.outcome = replace(self.outcome, constraints=outcome.constraints)
         self.say("  the swap went through and was rolled back")
 
-    def sync(self, fks, *, final: bool):
-        """copy_users, then refuse on conflicts and on rows referencing unmirrored users."""
+    def sync(self, fks, *, final: bool, dry_run: bool | None = None):
+        """copy_users, then refuse on conflicts and on rows referencing unmirrored users.
+        `dry_run`: None follows the run's own (the rehearsal writes, then rolls back)."""
+        dry_run = self.dry_run if dry_run is None else dry_run
         try:
             result = usercopy.copy_users(
                 MODELS,
                 alias=self.alias,
                 skip_invalid=self.skip_invalid,
-                dry_run=self.dry_run,
+                dry_run=dry_run,
                 report_dir=settings.REPORT_DIR,
             )
         except usercopy.CopyError as exc:
@@ -758,6 +773,20 @@ class Cutover(_Run):
                 "again. Nothing was changed."
             )
         missing = _unmirrored_ids(User, NewUser, self.alias, self.same_person)
+        copied = set(
+            SyncState.objects.using(self.alias)
+            .filter(user_id__in=missing)
+            .values_list("user_id", flat=True)
+        )
+        if lost := [pk for pk in missing if pk in copied]:
+            ids = ", ".join(map(str, lost[:10])) + (", ..." if len(lost) > 10 else "")
+            raise CutoverError(
+                f"{len(lost)} users the copy made are gone from NewUser (deleted there since; "
+                f"ids {ids}): the cut-over would leave them behind in the frozen legacy table. "
+                "If they were deleted on purpose, delete them from the legacy table too; to "
+                "copy them again, delete their rows from account_syncstate. Then run "
+                "`python manage.py copy_users` and the cut-over again. Nothing was changed."
+            )
         self.outcome.left_behind_ids = missing
         self.outcome.counts = Counter(
             legacy_users=User.objects.using(self.alias).count(),
@@ -768,7 +797,7 @@ class Cutover(_Run):
         if not orphans:
             return
         where = ", ".join(f"{n} rows in {table}" for table, n in orphans.items())
-        if self.dry_run and not result.rejected_total:
+        if dry_run and not result.rejected_total:
             self.say(f"  {where} reference legacy users the sync would copy now")
             return
         raise CutoverError(

@@ -873,14 +873,24 @@ class Sync:
     def check_batch(self, batch):
         """Check one batch of (action, *CHECKED) rows; add the accepted ones to VALUES."""
         accepted, conflicts = [], []
+        # A new user holding a legacy id with the same username is that person (their ledger
+        # row was lost): their rejected change is a live user's, never dropped silently.
+        taken = [Checked(*values) for action, *values in batch if action == "id_taken"]
+        holders = dict(
+            self.models.new.objects.using(self.alias)
+            .filter(pk__in=[row.id for row in taken])
+            .values_list("pk", "username")
+        ) if taken else {}  # fmt: skip
         for action, *values in batch:
             row = Checked(*values)
             if action == "conflict" or action == "gone":
                 conflicts.append(row.id)
             elif action == "id_taken":
+                same = (holders.get(row.id) or "").lower() == (row.username or "").lower()
                 self.reject(row.id, row.username, "id_taken",
-                            f"id {row.id} already belongs to a new user the copy did not make",
-                            live=False)  # fmt: skip
+                            f"id {row.id} already belongs to a new user the copy did not make"
+                            + (" (with this username: the same person?)" if same else ""),
+                            live=same)  # fmt: skip
             elif (new := self.normalise(row, live=action != "insert")) is not None:
                 accepted.append((row.id, action, row.username, row.password, *new))
         accepted += [(pk, "update", *new) for pk, *new in self.report_conflicts(conflicts)]
@@ -1083,8 +1093,9 @@ class Sync:
 
     def users_in_use(self, ids) -> dict[int, list[str]]:
         """The users in `ids` that rows other than the copy's own (empty profile, links) name:
-        any foreign key to NewUser in any schema (the catalog), whatever its ON DELETE, and
-        any generic reference (content type and object id) to a new user."""
+        any foreign key to NewUser or to the user's profile (deleted with it) in any schema
+        (the catalog), whatever its ON DELETE, and any generic reference (content type and
+        object id) to a new user or a profile."""
         if not ids:
             return {}
         m = self.models
@@ -1116,6 +1127,28 @@ class Sync:
                     f"= CAST(t.id AS {self.text_type}) "
                     f"AND r.{self.qn(pair.content_type)} = {int(ct)} WHERE t.id IN ({{marks}})",
                     f"{pair} (generic)",
+                )
+        # The profile goes with the user: rows pointing at it are in use too (any schema).
+        profile_t = self.table(m.profile)
+        user_col = self.qn(m.profile._meta.get_field("user").column)
+        for fk in catalog.foreign_keys_to(m.profile._meta.db_table, using=self.alias):
+            add(
+                f"SELECT DISTINCT t.{user_col} FROM {profile_t} t "
+                f"JOIN {catalog.sql_name(fk.table, self.alias)} r "
+                f"ON {catalog.match(fk, qn=self.qn)} WHERE t.{user_col} IN ({{marks}})",
+                f"{fk.table} (through the profile)",
+            )
+        if (ct := catalog.content_type_id(m.profile, using=self.alias)) is not None:
+            pk_col = self.qn(m.profile._meta.pk.column)
+            for pair in catalog.generic_pairs(using=self.alias):
+                add(
+                    f"SELECT DISTINCT t.{user_col} FROM {profile_t} t "
+                    f"JOIN {catalog.sql_name(pair.table, self.alias)} r "
+                    f"ON CAST(r.{self.qn(pair.object_id)} AS {self.text_type}) "
+                    f"= CAST(t.{pk_col} AS {self.text_type}) "
+                    f"AND r.{self.qn(pair.content_type)} = {int(ct)} "
+                    f"WHERE t.{user_col} IN ({{marks}})",
+                    f"{pair} (generic, through the profile)",
                 )
         profiles = m.profile.objects.using(self.alias).exclude(bio="", avatar="")
         for chunk in chunks(ids, SMALL):

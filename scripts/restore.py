@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Restore the account tables from a backup made by scripts/backup.py.
 
-Usage: scripts/restore.py FILE [--replace] [--dry-run] [-v {0,1,2}]
+Usage: scripts/restore.py FILE [--replace] [--dry-run] [--accept-unkeyed] [-v {0,1,2}]
 
 A thin entry point over `manage.py restore_accounts`, used by `make restore FILE=...`.
 The file and this database are checked before anything is written; `--dry-run` reports what

@@ -820,3 +820,24 @@ def test_backup_with_the_database_down_exits_non_zero_with_a_clear_message(tmp_p
     proc = _script("backup.py", "--dir", str(tmp_path), url="postgres://postgres@127.0.0.1:1/x")
     assert_clean_failure(proc, "Database error")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_changed_between_its_check_and_its_load_is_rolled_back(
+    run, populated, settings, monkeypatch
+):
+    """The check and the load read the file twice: the load hashes what it reads again."""
+    path = backup_path(run, settings, "--no-gzip")
+    checked = backup_module.verify_file
+
+    def verify_then_swap(*args, **kwargs):
+        rows = checked(*args, **kwargs)
+        manifest, *lines = path.read_bytes().splitlines(keepends=True)
+        _make_a_superuser(lines)  # after the check, before the load: the manifest unchanged
+        path.write_bytes(manifest + b"".join(lines))
+        return rows
+
+    monkeypatch.setattr(backup_module, "verify_file", verify_then_swap)
+    before = everything()
+    with pytest.raises(CommandError, match="changed while it was restored .*; rolled back"):
+        run("restore_accounts", str(path), "--replace")
+    assert everything() == before

@@ -415,3 +415,115 @@ def test_the_dry_run_refuses_a_lock_the_real_run_would_not_get(deploy):
     finally:
         holder.close()
     assert not is_cut_over_in(deploy)
+
+
+# --- the review's cases: each class, more than its first example -----------------------------
+
+
+def test_a_copied_user_deleted_from_newuser_stops_the_cutover(deploy):
+    """A user the copy made, gone from NewUser: not "never copied", so never left behind."""
+    pk = deploy.one("SELECT id FROM account_user WHERE username = 'user7'")
+    deploy.sql("DELETE FROM account_profile WHERE user_id = %s", [pk])
+    deploy.sql("DELETE FROM account_newuser WHERE id = %s", [pk])
+    for args in (["--dry-run"], [], ["--skip-invalid"]):
+        proc = deploy.manage(NEW, "cutover", *args)
+        assert_clean_failure(
+            proc, f"users the copy made are gone from NewUser (deleted there since; ids {pk})"
+        )
+    assert not is_cut_over_in(deploy)
+
+
+def test_a_user_renamed_on_the_new_side_is_not_left_behind(deploy):
+    """Same id, a SyncState row: the same person, whatever the username now."""
+    pk = deploy.one("SELECT id FROM account_user WHERE username = 'user8'")
+    deploy.sql("UPDATE account_newuser SET username = 'user8-renamed' WHERE id = %s", [pk])
+    deploy.sql(  # a row pointing at them, which the reference check must not count
+        "INSERT INTO django_admin_log (action_time, user_id, object_repr, action_flag, "
+        "change_message) VALUES ('2026-01-01', %s, 'x', 1, '')",
+        [pk],
+    )
+    out = deploy.cutover()
+    assert "(0 legacy users left behind)" in deploy.one(
+        "SELECT message FROM account_operationlog WHERE kind = 'cutover' AND ok"
+    ), out
+    assert "Rolled back to account.User" in deploy.rollback()
+    assert deploy.one("SELECT username FROM account_user WHERE id = %s", [pk]) == "user8-renamed"
+
+
+def test_the_dry_run_refuses_a_rejected_row_as_the_real_run_does(deploy):
+    deploy.python(OLD, "from account.models import User\n"
+                  "User.objects.create_user('mallory', 'not-an-email', 'pw')")  # fmt: skip
+    for args in (["--dry-run"], []):
+        proc = deploy.manage(NEW, "cutover", *args)
+        assert_clean_failure(proc, "email_invalid: 1")
+    assert not is_cut_over_in(deploy)
+
+
+@postgresql_only
+def test_a_partitioned_table_pointing_at_a_user_not_copied_yet_passes_the_dry_run(deploy):
+    """The rehearsal runs the final sync, which copies that user, before the swap."""
+    deploy.python(OLD, "from account.models import User\n"
+                  "User.objects.create_user('newbie', 'newbie@example.com', 'pw')")  # fmt: skip
+    pk = deploy.one("SELECT id FROM account_user WHERE username = 'newbie'")
+    deploy.sql(
+        "CREATE TABLE parts (id bigint, at date NOT NULL, user_id bigint NOT NULL "
+        "REFERENCES account_user (id)) PARTITION BY RANGE (at)"
+    )
+    deploy.sql("CREATE TABLE parts_1 PARTITION OF parts FOR VALUES FROM "
+               "('2026-01-01') TO ('2027-01-01')")  # fmt: skip
+    deploy.sql("INSERT INTO parts VALUES (1, '2026-03-01', %s)", [pk])
+    assert "Dry run: nothing was changed." in deploy.cutover("--dry-run")
+    assert not deploy.sql("SELECT 1 FROM account_newuser WHERE id = %s", [pk])  # rolled back
+    assert "Cut over to account.NewUser" in deploy.cutover()
+
+
+@postgresql_only
+@pytest.mark.django_db
+@pytest.mark.parametrize("how", ["foreign key", "generic"])
+def test_a_reference_to_the_profile_keeps_a_deleted_legacy_user(run, how):
+    """The profile is deleted with the user: what points at it is lost with it."""
+    from account.catalog import content_type_id
+    from account.models import Profile
+
+    alice = make_legacy("alice", "alice@example.com")
+    run("copy_users")
+    profile = Profile.objects.get(user_id=alice.pk)
+    sql('CREATE SCHEMA "Other"')
+    if how == "foreign key":
+        sql('CREATE TABLE "Other".pnotes (id serial PRIMARY KEY, '
+            "profile_id bigint REFERENCES account_profile (id) ON DELETE CASCADE)")  # fmt: skip
+        sql('INSERT INTO "Other".pnotes (profile_id) VALUES (%s)', [profile.pk])
+    else:
+        sql('CREATE TABLE "Other".pnotes (id serial PRIMARY KEY, content_type_id int, '
+            "object_id text)")  # fmt: skip
+        sql('INSERT INTO "Other".pnotes (content_type_id, object_id) VALUES (%s, %s)',
+            [content_type_id(Profile), str(profile.pk)])  # fmt: skip
+    User.objects.filter(pk=alice.pk).delete()
+    with pytest.raises(CommandError, match="deleted_but_in_use: 1") as refused:
+        run("copy_users")
+    assert "pnotes" in report_of(str(refused.value))[alice.pk]["detail"]
+    assert sql('SELECT count(*) FROM "Other".pnotes') == [(1,)]
+    assert NewUser.objects.filter(pk=alice.pk).exists()
+
+
+@postgresql_only
+def test_views_over_the_legacy_link_tables_are_named(deploy):
+    deploy.sql('CREATE SCHEMA "Reports"')
+    deploy.sql('CREATE VIEW "Reports"."UserGroups" AS SELECT * FROM account_user_groups')
+    deploy.sql('CREATE VIEW "Reports".perms AS SELECT * FROM account_user_user_permissions')
+    out = deploy.cutover("--dry-run")
+    assert '"Reports"."UserGroups" reads account_user_groups' in out
+    assert '"Reports".perms reads account_user_user_permissions' in out
+
+
+def test_a_live_user_without_a_ledger_row_keeps_the_rejected_change_rule(deploy):
+    """No SyncState row (lost): the new user with the same id and username is that person, so
+    their rejected ban is a live user's, refused with --skip-invalid too."""
+    pk = deploy.one("SELECT id FROM account_user WHERE username = 'user9'")
+    deploy.sql("DELETE FROM account_syncstate WHERE user_id = %s", [pk])
+    deploy.sql("UPDATE account_user SET is_active = %s, email = 'banned' WHERE id = %s",
+               [False if ON_POSTGRESQL else 0, pk])  # fmt: skip
+    proc = deploy.manage(NEW, "cutover", "--skip-invalid")
+    assert_clean_failure(proc, "users already in NewUser have legacy changes")
+    assert f"ids {pk}" in proc.stderr
+    assert not is_cut_over_in(deploy)
