@@ -14,7 +14,16 @@ instead (user id 0), and the next sync compares every user:
 - any write to SyncState that is not the sync's own (a rollback's ledger, a restore,
   migration 0004, the copy undone, a hand edit): the sync marks its transaction with
   `SYNC_SETTING`;
-- the triggers installed (the writes before them were never logged).
+- the triggers installed (the writes before them were never logged);
+- DDL that could have stopped a capture trigger for a while: a trigger on a user table
+  disabled, enabled, dropped, created or renamed, a capture function replaced, any `ALTER
+  TABLE` of a user table, on either side (`watch_ddl`: an event trigger, so a trigger disabled
+  and enabled again in between two syncs, or inside one transaction, is still seen).
+
+The row triggers fire `ALWAYS`: also in a session with `session_replication_role = replica`,
+which skips ordinary triggers. The cut-over suspends the triggers on the user tables (the
+legacy table is read-only then, and nothing reads its log until a rollback) and deletes the
+legacy log; the rollback resumes them and logs a 'full' row.
 
 `copy_users` reads the log in its snapshot, syncs exactly the users it names, and deletes
 exactly the rows it read (`account.usercopy`). SQLite has no triggers here: the sync compares
@@ -31,6 +40,12 @@ plain SQL too.
 LOG_TABLE = "account_changelog"
 LEGACY_TABLE = "account_user"
 LINK_TABLES = ("account_user_groups", "account_user_user_permissions")
+USER_TABLES = (LEGACY_TABLE, *LINK_TABLES)
+# NewUser's tables: their change log is the rollback's (`account.readonly`); DDL on them that
+# could stop it logs a 'full' row on side 'new' (the rollback then compares every user).
+NEW_TABLES = ("account_newuser", "account_newuser_groups", "account_newuser_user_permissions")
+NEW_FUNCTIONS = ("account_newuser_change_log", "account_newuser_change_log_truncate")
+F_DDL = "account_capture_ddl"  # the event trigger's function (and the event triggers' prefix)
 STATE_TABLE = "account_syncstate"
 # Tables whose renames change the natural keys in the digests, and the columns that count.
 CATALOG = {
@@ -141,45 +156,172 @@ FUNCTIONS = {
 }
 
 
-def install(connection) -> None:
+def _create_triggers(cursor, tables) -> None:
+    """(Re)create the capture triggers on `tables`, firing ALWAYS (replica sessions too)."""
+    for name, table, definition in triggers():
+        if table in tables:
+            cursor.execute(f"DROP TRIGGER IF EXISTS {name} ON {table}")
+            cursor.execute(f"CREATE TRIGGER {name} {definition}")
+            cursor.execute(f"ALTER TABLE {table} ENABLE ALWAYS TRIGGER {name}")
+
+
+def _log_full(cursor) -> None:
+    cursor.execute(
+        f"INSERT INTO {LOG_TABLE} (side, user_id, op, at) "
+        f"VALUES ('legacy', {FULL_USER_ID}, 'full', now())"
+    )
+
+
+def install(connection) -> bool:
     """Create the functions and triggers (PostgreSQL only) and log a 'full' row: the writes
-    made before the triggers are not in the log, so the next sync compares every user."""
+    made before the triggers are not in the log, so the next sync compares every user.
+    Returns whether the DDL watch is installed too (`watch_ddl`)."""
     if connection.vendor != "postgresql":
-        return
+        return False
     with connection.cursor() as cursor:
         for name, body in FUNCTIONS.items():
             cursor.execute(
                 f"CREATE OR REPLACE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql "
                 f"AS $$ {body} $$"
             )
-        for name, table, definition in triggers():
-            cursor.execute(f"DROP TRIGGER IF EXISTS {name} ON {table}")
-            cursor.execute(f"CREATE TRIGGER {name} {definition}")
-        cursor.execute(
-            f"INSERT INTO {LOG_TABLE} (side, user_id, op, at) "
-            f"VALUES ('legacy', {FULL_USER_ID}, 'full', now())"
-        )
+        _create_triggers(cursor, {table for _, table, _ in triggers()})
+        _log_full(cursor)
+    return watch_ddl(connection)
 
 
 def uninstall(connection) -> None:
-    """Drop the triggers (with their functions) and the legacy side of the log."""
+    """Drop the DDL watch, the triggers (with their functions) and the legacy side of the log."""
     if connection.vendor != "postgresql":
         return
     with connection.cursor() as cursor:
+        for event in ("", "_drop"):
+            cursor.execute(f"DROP EVENT TRIGGER IF EXISTS {F_DDL}{event}")
+        cursor.execute(f"DROP FUNCTION IF EXISTS {F_DDL}() CASCADE")
         for name in FUNCTIONS:
             cursor.execute(f"DROP FUNCTION IF EXISTS {name}() CASCADE")
         cursor.execute(f"DELETE FROM {LOG_TABLE} WHERE side = 'legacy'")
 
 
-def missing(connection) -> list[str]:
-    """The capture triggers that are not there, or disabled (PostgreSQL); all on SQLite."""
-    expected = [(name, table) for name, table, _ in triggers()]
+def suspend(connection) -> None:
+    """The cut-over: drop the triggers on the legacy user tables (read-only from now on) and
+    delete the legacy side of the log, which nothing reads until a rollback. The triggers on
+    the auth and contenttypes tables and on SyncState stay (their 'full' rows are one per
+    statement, and dropping them would lock tables every request reads)."""
+    if connection.vendor != "postgresql":
+        return
+    with connection.cursor() as cursor:
+        for name, table, _ in triggers():
+            if table in USER_TABLES:
+                cursor.execute(f"DROP TRIGGER IF EXISTS {name} ON {table}")
+        cursor.execute(f"DELETE FROM {LOG_TABLE} WHERE side = 'legacy'")
+
+
+def resume(connection) -> None:
+    """The rollback: the legacy table is live again; capture its writes, and log a 'full' row
+    (nothing was logged while it was read-only: the next sync compares every user)."""
+    if connection.vendor != "postgresql":
+        return
+    with connection.cursor() as cursor:
+        if not missing(connection, USER_TABLES) or not all(
+            _function_exists(cursor, name) for name in FUNCTIONS
+        ):
+            return  # never installed (before migration 0005), or not suspended
+        _create_triggers(cursor, USER_TABLES)
+        _log_full(cursor)
+
+
+def _function_exists(cursor, name: str) -> bool:
+    cursor.execute("SELECT to_regprocedure(%s) IS NOT NULL", [f"{name}()"])
+    return cursor.fetchone()[0]
+
+
+def watch_ddl(connection) -> bool:
+    """An event trigger (PostgreSQL) that logs a 'full' row for a side when a DDL command
+    could have stopped its capture for a while (see the module's docstring). Only a
+    superuser may create one: without the right, it is left out and this returns False
+    (then run `copy_users --full` after touching the triggers by hand)."""
+    if connection.vendor != "postgresql":
+        return False
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
+        if not cursor.fetchone()[0]:
+            return False
+        cursor.execute("SELECT current_schema()")
+        schema = cursor.fetchone()[0]
+        names = {
+            "legacy": (USER_TABLES, tuple(FUNCTIONS)),
+            "new": (NEW_TABLES, NEW_FUNCTIONS),
+        }
+
+        def literal(values) -> str:
+            return "ARRAY[" + ", ".join(f"'{v}'" for v in values) + "]::text[]"
+
+        def qualified(table) -> str:
+            return connection.ops.quote_name(schema) + "." + connection.ops.quote_name(table)
+
+        log = qualified(LOG_TABLE)
+        side_of = " ".join(
+            f"WHEN rel_schema = '{schema}' AND rel_name = ANY({literal(tables)}) "
+            f"OR fn_name = ANY({literal(functions)}) THEN '{side}'"
+            for side, (tables, functions) in names.items()
+        )
+        # Names, never OIDs baked in: a table rebuilt by a migration gets a new OID.
+        cursor.execute(
+            f"""CREATE OR REPLACE FUNCTION {F_DDL}() RETURNS event_trigger LANGUAGE plpgsql
+            AS $$ DECLARE
+                r record; rel oid; rel_schema text; rel_name text; fn_name text; side text;
+            BEGIN
+                IF to_regclass('{log}') IS NULL THEN RETURN; END IF;
+                IF TG_EVENT = 'sql_drop' THEN
+                    FOR r IN SELECT * FROM pg_event_trigger_dropped_objects()
+                             WHERE object_type = 'trigger' LOOP
+                        rel_schema := r.address_names[1]; rel_name := r.address_names[2];
+                        fn_name := NULL;
+                        side := CASE {side_of} END;
+                        IF side IS NOT NULL THEN
+                            INSERT INTO {log} (side, user_id, op, at)
+                            VALUES (side, {FULL_USER_ID}, 'full', now());
+                        END IF;
+                    END LOOP;
+                    RETURN;
+                END IF;
+                FOR r IN SELECT * FROM pg_event_trigger_ddl_commands() LOOP
+                    rel := CASE r.classid
+                        WHEN 'pg_class'::regclass THEN r.objid
+                        WHEN 'pg_trigger'::regclass THEN
+                            (SELECT tgrelid FROM pg_trigger WHERE oid = r.objid) END;
+                    SELECT n.nspname, c.relname INTO rel_schema, rel_name
+                        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                        WHERE c.oid = rel;
+                    fn_name := CASE WHEN r.classid = 'pg_proc'::regclass THEN
+                        (SELECT proname FROM pg_proc WHERE oid = r.objid) END;
+                    side := CASE {side_of} END;
+                    IF side IS NOT NULL THEN
+                        INSERT INTO {log} (side, user_id, op, at)
+                        VALUES (side, {FULL_USER_ID}, 'full', now());
+                    END IF;
+                END LOOP;
+            END $$"""
+        )
+        for event, on in (("", "ddl_command_end"), ("_drop", "sql_drop")):
+            cursor.execute(f"DROP EVENT TRIGGER IF EXISTS {F_DDL}{event}")
+            cursor.execute(
+                f"CREATE EVENT TRIGGER {F_DDL}{event} ON {on} EXECUTE FUNCTION {F_DDL}()"
+            )
+            cursor.execute(f"ALTER EVENT TRIGGER {F_DDL}{event} ENABLE ALWAYS")
+    return True
+
+
+def missing(connection, tables=None) -> list[str]:
+    """The capture triggers (on `tables`, default all) that are not there or do not fire
+    ALWAYS (disabled, or firing only outside replica sessions; PostgreSQL); all on SQLite."""
+    expected = [(n, t) for n, t, _ in triggers() if tables is None or t in tables]
     if connection.vendor != "postgresql":
         return [name for name, _ in expected]
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT t.tgname, c.relname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
-            "WHERE t.tgname = ANY(%s) AND t.tgenabled <> 'D' "
+            "WHERE t.tgname = ANY(%s) AND t.tgenabled = 'A' "
             "AND pg_catalog.pg_table_is_visible(c.oid)",
             [[name for name, _ in expected]],
         )

@@ -77,7 +77,7 @@ from django.core.management.base import CommandError
 from django.db import DatabaseError, OperationalError, connections, transaction
 from django.utils import timezone
 
-from . import catalog, readonly, usercopy
+from . import catalog, changecapture, readonly, usercopy
 from .backup import BackupError, backup
 from .catalog import ForeignKey
 from .dbutil import table_exists
@@ -698,11 +698,13 @@ class Cutover(_Run):
         self.outcome.admin_log_entries = _move_admin_log(User, NewUser, self.alias)
         self.say(f"  {self.outcome.admin_log_entries} admin log entries moved", 2)
         readonly.make_read_only(User, self.alias, _read_only_message(timezone.now()))
+        changecapture.suspend(self.connection)  # nothing reads the legacy log until a rollback
         # NewUser is live now: writable (a rollback made it read-only), and its writes logged
-        # from here on, for a rollback.
+        # from here on, for a rollback. The log starts empty: the 'full' rows these trigger
+        # changes logged (`changecapture.watch_ddl`) are the engine's own, gone with it.
         readonly.make_writable(NewUser, self.alias)
-        ChangeLog.objects.using(self.alias).filter(side=ChangeLog.Side.NEW).delete()
         readonly.start_change_log(NewUser, self.alias)
+        ChangeLog.objects.using(self.alias).filter(side=ChangeLog.Side.NEW).delete()
 
     def check(self) -> list[ForeignKey]:
         fks = _foreign_keys_to(User, self.alias)
@@ -914,12 +916,23 @@ class Rollback(_Run):
         moved = {
             (c["table"], tuple(c["columns"])): c["from"] for c in cutover_log.summary["constraints"]
         }
-        # A cut-over made by an earlier version logged nothing: then every user is compared.
-        self.full_compare = not readonly.is_logging(NewUser, self.alias)
+        # A cut-over made by an earlier version logged nothing, a log trigger was dropped or
+        # disabled, or DDL on NewUser's tables could have stopped it for a while (a 'full'
+        # row, `changecapture.watch_ddl`): then every user is compared.
+        logging = readonly.is_logging(NewUser, self.alias)
+        gap = (
+            ChangeLog.objects.using(self.alias)
+            .filter(side=ChangeLog.Side.NEW, op=ChangeLog.Op.FULL)
+            .exists()
+        )
+        self.full_compare = not logging or gap
         what = (
-            "every user is compared (this cut-over kept no change log)"
-            if self.full_compare
-            else "the users NewUser's writes touched since the cut-over"
+            "the users NewUser's writes touched since the cut-over"
+            if not self.full_compare
+            else "every user is compared (this cut-over kept no change log)"
+            if not logging
+            else "every user is compared (the change log's triggers were changed since the "
+            "cut-over, so it may have missed writes)"
         )
         with self.step("check", what):
             fks = self.moved_back(moved)
@@ -980,8 +993,9 @@ class Rollback(_Run):
         self.repoint(fks, editor, names=moved)
         self.outcome.admin_log_entries = _move_admin_log(NewUser, User, self.alias)
         readonly.stop_change_log(NewUser, self.alias)
-        ChangeLog.objects.using(self.alias).filter(side=ChangeLog.Side.NEW).delete()
         readonly.make_read_only(NewUser, self.alias, _new_read_only_message(timezone.now()))
+        ChangeLog.objects.using(self.alias).filter(side=ChangeLog.Side.NEW).delete()
+        changecapture.resume(self.connection)  # the legacy table's writes are logged again
         # The users left out differ on the two sides: the next sync reports them.
         with readonly.engine_writes(self.alias):
             _rebase_sync_ledger(MODELS, self.alias, exclude=plan.skipped, only=CANDIDATES)

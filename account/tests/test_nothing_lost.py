@@ -527,3 +527,62 @@ def test_a_live_user_without_a_ledger_row_keeps_the_rejected_change_rule(deploy)
     assert_clean_failure(proc, "users already in NewUser have legacy changes")
     assert f"ids {pk}" in proc.stderr
     assert not is_cut_over_in(deploy)
+
+
+# --- the change logs cannot be switched off unseen ------------------------------------------------
+
+
+@postgresql_only
+def test_a_newuser_write_made_while_its_log_trigger_was_off_is_carried_back(deploy):
+    """Disabled, written, enabled again: the DDL watch logged a 'full' row on the new side,
+    so the rollback compares every user instead of trusting the log."""
+    deploy.cutover()
+    deploy.sql(
+        "ALTER TABLE account_newuser DISABLE TRIGGER account_newuser_change_log; "
+        "UPDATE account_newuser SET full_name = 'Behind The Log' WHERE username = 'bob'; "
+        "ALTER TABLE account_newuser ENABLE ALWAYS TRIGGER account_newuser_change_log"
+    )
+    assert "the change log's triggers were changed" in deploy.rollback()
+    assert deploy.one("SELECT full_name FROM account_user WHERE username = 'bob'") == (
+        "Behind The Log"
+    )
+
+
+@postgresql_only
+def test_a_replica_session_writing_newuser_is_logged_for_the_rollback(deploy):
+    deploy.cutover()
+    deploy.sql(
+        "SET session_replication_role = replica; "
+        "UPDATE account_newuser SET full_name = 'Replica Write' WHERE username = 'bob'"
+    )
+    out = deploy.rollback()
+    assert "the users NewUser's writes touched since the cut-over" in out
+    assert deploy.one("SELECT full_name FROM account_user WHERE username = 'bob'") == (
+        "Replica Write"
+    )
+
+
+@postgresql_only
+def test_the_legacy_log_is_off_while_cut_over_and_back_after_the_rollback(deploy):
+    """After the cut-over nothing reads the legacy log: restores must not fill it (two rows
+    per user each), and the rollback turns the capture on again."""
+    deploy.cutover()
+    legacy = "FROM account_changelog WHERE side = 'legacy'"
+    assert deploy.one(f"SELECT COUNT(*) {legacy}") == 0
+    (backup,) = (deploy.tmp_path / "backups").glob("accounts-*")
+    deploy.sql("DELETE FROM shop_order; DELETE FROM shop_team_members")  # not in the backup
+    for _ in range(2):
+        deploy.ok(NEW, "restore_accounts", str(backup), "--replace")
+    assert deploy.one(f"SELECT COUNT(*) {legacy} AND op <> 'full'") == 0
+    deploy.rollback()
+    assert not deploy.sql(
+        "SELECT tgname FROM pg_trigger WHERE tgname LIKE 'account_user%%capture%%' "
+        "AND tgenabled <> 'A'"
+    )
+    deploy.sql("UPDATE account_user SET full_name = 'Logged Again' WHERE username = 'bob'")
+    bob = deploy.one("SELECT id FROM account_user WHERE username = 'bob'")
+    assert (bob, "update") in deploy.sql(f"SELECT user_id, op {legacy}")
+    deploy.ok(OLD, "copy_users")
+    assert deploy.one("SELECT full_name FROM account_newuser WHERE username = 'bob'") == (
+        "Logged Again"
+    )
