@@ -137,7 +137,7 @@ postgresDBContainer: ## Start PostgreSQL in Docker on 127.0.0.1:POSTGRES_PORT (s
 	    { echo "PostgreSQL is ready: DATABASE_URL=postgres://$(POSTGRES_USER):…@127.0.0.1:$(POSTGRES_PORT)/$(POSTGRES_DB)"; exit 0; }; \
 	    sleep 1; done; echo "PostgreSQL did not accept connections within 60 s: docker logs $(POSTGRES_CONTAINER)"; exit 1
 
-up: ## Build and start the stack (db + web) with Docker Compose, wait until healthy, print the URL
+up: ## Build and start the stack (db, web, and sync: the follower) with Docker Compose, wait until healthy, print the URL
 	@scripts/require-docker.sh
 	@PORT="$(PORT)" POSTGRES_PORT="$(POSTGRES_PORT)" scripts/check-ports.sh --compose PORT POSTGRES_PORT
 	docker compose up -d --build --wait

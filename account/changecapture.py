@@ -45,6 +45,8 @@ USER_TABLES = (LEGACY_TABLE, *LINK_TABLES)
 # could stop it logs a 'full' row on side 'new' (the rollback then compares every user).
 NEW_TABLES = ("account_newuser", "account_newuser_groups", "account_newuser_user_permissions")
 NEW_FUNCTIONS = ("account_newuser_change_log", "account_newuser_change_log_truncate")
+CHANNEL = "account_changes"  # NOTIFY'd when a writer commits log rows (the follower LISTENs)
+F_NOTIFY = "account_capture_notify"
 F_DDL = "account_capture_ddl"  # the event trigger's function (and the event triggers' prefix)
 STATE_TABLE = "account_syncstate"
 # Tables whose renames change the natural keys in the digests, and the columns that count.
@@ -193,10 +195,8 @@ def uninstall(connection) -> None:
     """Drop the DDL watch, the triggers (with their functions) and the legacy side of the log."""
     if connection.vendor != "postgresql":
         return
+    unwatch_ddl(connection)
     with connection.cursor() as cursor:
-        for event in ("", "_drop"):
-            cursor.execute(f"DROP EVENT TRIGGER IF EXISTS {F_DDL}{event}")
-        cursor.execute(f"DROP FUNCTION IF EXISTS {F_DDL}() CASCADE")
         for name in FUNCTIONS:
             cursor.execute(f"DROP FUNCTION IF EXISTS {name}() CASCADE")
         cursor.execute(f"DELETE FROM {LOG_TABLE} WHERE side = 'legacy'")
@@ -235,6 +235,31 @@ def _function_exists(cursor, name: str) -> bool:
     return cursor.fetchone()[0]
 
 
+def install_notify(connection) -> None:
+    """A statement trigger on the log: `NOTIFY` CHANNEL, delivered when the writer commits
+    (PostgreSQL folds the notes of one transaction into one). Only a hint for the follower,
+    which also looks at the log every few seconds."""
+    if connection.vendor != "postgresql":
+        return
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"CREATE OR REPLACE FUNCTION {F_NOTIFY}() RETURNS trigger LANGUAGE plpgsql AS $$ "
+            f"BEGIN PERFORM pg_notify('{CHANNEL}', ''); RETURN NULL; END $$"
+        )
+        cursor.execute(f"DROP TRIGGER IF EXISTS {LOG_TABLE}_notify ON {LOG_TABLE}")
+        cursor.execute(
+            f"CREATE TRIGGER {LOG_TABLE}_notify AFTER INSERT ON {LOG_TABLE} "
+            f"FOR EACH STATEMENT EXECUTE FUNCTION {F_NOTIFY}()"
+        )
+        cursor.execute(f"ALTER TABLE {LOG_TABLE} ENABLE ALWAYS TRIGGER {LOG_TABLE}_notify")
+
+
+def uninstall_notify(connection) -> None:
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute(f"DROP FUNCTION IF EXISTS {F_NOTIFY}() CASCADE")
+
+
 def watch_ddl(connection) -> bool:
     """An event trigger (PostgreSQL) that logs a 'full' row for a side when a DDL command
     could have stopped its capture for a while (see the module's docstring). Only a
@@ -248,10 +273,18 @@ def watch_ddl(connection) -> bool:
             return False
         cursor.execute("SELECT current_schema()")
         schema = cursor.fetchone()[0]
+        # Every table a legacy capture trigger is on (the user tables, the auth and
+        # contenttypes tables for renames, SyncState), and NewUser's tables.
+        legacy_tables = tuple(dict.fromkeys(table for _, table, _ in triggers()))
         names = {
-            "legacy": (USER_TABLES, tuple(FUNCTIONS)),
+            "legacy": (legacy_tables, tuple(FUNCTIONS)),
             "new": (NEW_TABLES, NEW_FUNCTIONS),
         }
+        # A dropped trigger counts when it is one of the log's own (by name): dropping a
+        # foreign key to a user table also drops PostgreSQL's internal triggers on it.
+        log_triggers = [name for name, _, _ in triggers()] + [
+            f"{table}_change_log{event}" for table in NEW_TABLES for event in ("", "_truncate")
+        ]
 
         def literal(values) -> str:
             return "ARRAY[" + ", ".join(f"'{v}'" for v in values) + "]::text[]"
@@ -271,10 +304,15 @@ def watch_ddl(connection) -> bool:
             AS $$ DECLARE
                 r record; rel oid; rel_schema text; rel_name text; fn_name text; side text;
             BEGIN
-                IF to_regclass('{log}') IS NULL THEN RETURN; END IF;
+                -- A role that cannot see the schema cannot touch these tables either.
+                IF NOT has_schema_privilege('{schema}', 'USAGE')
+                   OR to_regclass('{log}') IS NULL THEN
+                    RETURN;
+                END IF;
                 IF TG_EVENT = 'sql_drop' THEN
                     FOR r IN SELECT * FROM pg_event_trigger_dropped_objects()
-                             WHERE object_type = 'trigger' LOOP
+                             WHERE object_type = 'trigger'
+                             AND address_names[3] = ANY({literal(log_triggers)}) LOOP
                         rel_schema := r.address_names[1]; rel_name := r.address_names[2];
                         fn_name := NULL;
                         side := CASE {side_of} END;
@@ -312,6 +350,29 @@ def watch_ddl(connection) -> bool:
     return True
 
 
+def unwatch_ddl(connection) -> None:
+    """Drop the DDL watch. Only its owner (a superuser) may: another role leaves it, with a
+    note (it does nothing once the change log table is gone)."""
+    if connection.vendor != "postgresql":
+        return
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_event_trigger e WHERE e.evtname LIKE %s AND NOT "
+            "pg_has_role(current_user, e.evtowner, 'USAGE'))",
+            [F_DDL + "%"],
+        )
+        if cursor.fetchone()[0]:
+            print(
+                f"\n  Note: the DDL watch ({F_DDL}) belongs to a superuser and is left in place; "
+                f"a superuser can drop it: DROP EVENT TRIGGER {F_DDL}; "
+                f"DROP EVENT TRIGGER {F_DDL}_drop."
+            )
+            return
+        for event in ("", "_drop"):
+            cursor.execute(f"DROP EVENT TRIGGER IF EXISTS {F_DDL}{event}")
+        cursor.execute(f"DROP FUNCTION IF EXISTS {F_DDL}() CASCADE")
+
+
 def missing(connection, tables=None) -> list[str]:
     """The capture triggers (on `tables`, default all) that are not there or do not fire
     ALWAYS (disabled, or firing only outside replica sessions; PostgreSQL); all on SQLite."""
@@ -326,4 +387,24 @@ def missing(connection, tables=None) -> list[str]:
             [[name for name, _ in expected]],
         )
         found = set(cursor.fetchall())
-    return [name for name, table in expected if (name, table) not in found]
+    absent = [name for name, table in expected if (name, table) not in found]
+    return absent + (ddl_watch_missing(connection) if tables is None else [])
+
+
+def ddl_watch_missing(connection) -> list[str]:
+    """The DDL watch's event triggers that are not there or not firing ALWAYS (commands on
+    event triggers fire no event trigger, so this is how a disabled watch is seen). None are
+    expected when this role could not have created them (not a superuser: `watch_ddl`)."""
+    if connection.vendor != "postgresql":
+        return []
+    names = [F_DDL, F_DDL + "_drop"]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT evtname, evtenabled FROM pg_event_trigger WHERE evtname = ANY(%s)", [names]
+        )
+        found = dict(cursor.fetchall())
+        if not found:
+            cursor.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
+            if not cursor.fetchone()[0]:
+                return []
+    return [name for name in names if found.get(name) != "A"]

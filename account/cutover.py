@@ -916,25 +916,7 @@ class Rollback(_Run):
         moved = {
             (c["table"], tuple(c["columns"])): c["from"] for c in cutover_log.summary["constraints"]
         }
-        # A cut-over made by an earlier version logged nothing, a log trigger was dropped or
-        # disabled, or DDL on NewUser's tables could have stopped it for a while (a 'full'
-        # row, `changecapture.watch_ddl`): then every user is compared.
-        logging = readonly.is_logging(NewUser, self.alias)
-        gap = (
-            ChangeLog.objects.using(self.alias)
-            .filter(side=ChangeLog.Side.NEW, op=ChangeLog.Op.FULL)
-            .exists()
-        )
-        self.full_compare = not logging or gap
-        what = (
-            "the users NewUser's writes touched since the cut-over"
-            if not self.full_compare
-            else "every user is compared (this cut-over kept no change log)"
-            if not logging
-            else "every user is compared (the change log's triggers were changed since the "
-            "cut-over, so it may have missed writes)"
-        )
-        with self.step("check", what):
+        with self.step("check", self.choose_compare()):
             fks = self.moved_back(moved)
             self.say(
                 f"  {len(fks)} foreign keys to move back: {', '.join(map(str, fks)) or 'none'}"
@@ -948,6 +930,7 @@ class Rollback(_Run):
                 try:
                     with self.switch_transaction() as editor:
                         self.lock([NewUser, User])
+                        self.recheck_compare()
                         self.switch_back(self.plan(), moved, editor)
                         raise _Rehearsed
                 except _Rehearsed:
@@ -963,6 +946,7 @@ class Rollback(_Run):
             self.switch_transaction() as editor,
         ):
             self.lock([NewUser, User])
+            self.recheck_compare()
             plan = self.plan()
             self.outcome.counts = Counter()
             self.report(plan)
@@ -973,6 +957,36 @@ class Rollback(_Run):
         with self.step("validate", "scan each constraint moved back (writers not blocked)"):
             self.validate()
         return self.outcome
+
+    def choose_compare(self) -> str:
+        """Trust the change log, or compare every user: when a cut-over made by an earlier
+        version logged nothing, a log trigger is missing, disabled or replica-only, the DDL
+        watch is off, or DDL on NewUser's tables could have stopped the log for a while (a
+        'full' row, `changecapture.watch_ddl`). Decided at the check, and again under the
+        switch's lock (a gap opened in between, during the backup say, counts too)."""
+        logging = readonly.is_logging(NewUser, self.alias)
+        watch = changecapture.ddl_watch_missing(self.connection)
+        gap = (
+            ChangeLog.objects.using(self.alias)
+            .filter(side=ChangeLog.Side.NEW, op=ChangeLog.Op.FULL)
+            .exists()
+        )
+        self.full_compare = not logging or bool(watch) or gap
+        if not self.full_compare:
+            return "the users NewUser's writes touched since the cut-over"
+        if not logging:
+            return "every user is compared (this cut-over kept no change log)"
+        return (
+            "every user is compared (the change log's triggers were changed since the "
+            "cut-over, so it may have missed writes)"
+        )
+
+    def recheck_compare(self):
+        """Under the lock: if the log can no longer be trusted, compare every user now."""
+        if not self.full_compare:
+            what = self.choose_compare()
+            if self.full_compare:
+                self.say(f"  under the lock: {what}")
 
     def switch_back(self, plan: "CarryBack", moved, editor):
         """Carry the plan back, re-point, make NewUser read-only (its writes are no longer

@@ -95,6 +95,17 @@ Checked = namedtuple("Checked", CHECKED)
 LINKS = ("groups", "user_permissions")
 PROFILE_WRITE = ("user_id", "bio", "avatar", "updated_at")
 LOCK_KEY = 727_001  # pg advisory lock id of the user sync
+LOCK_WAIT = 5.0  # seconds a sync waits for another one (the follower's) before it refuses
+_BUSY = (
+    f"Another user sync is running on this database (still after {LOCK_WAIT:.0f} s); wait for "
+    "it to finish, then run again (it will do only what is still to do)."
+)
+
+
+class _SyncBusy(Exception):
+    """The sync lock is taken, in a transaction of the sync's own: start it again."""
+
+
 REPORT_FIELDS = ("legacy_id", "username", "reason", "detail")
 PLAN = "sync_plan"  # the temporary table of what one sync has to do
 VALUES = "sync_values"  # the temporary table of the accepted rows' CHECKED values
@@ -271,12 +282,14 @@ def copy_users(
     on_progress=None,
     on_start=None,
     full: bool = False,
+    record: bool = True,
 ) -> CopyResult:
     """Bring NewUser in line with the legacy table; see the module docstring for the steps.
 
     Called inside a transaction (the cut-over holds the legacy tables locked), it runs in a
     savepoint of it and reads in the caller's isolation level. `full`: compare every user even
-    when the change log could say which ones changed.
+    when the change log could say which ones changed. `record`: write the run to OperationLog
+    (the follower records its refusals and its totals instead, not each sync).
     """
     if readonly.is_read_only(models.legacy, alias):
         raise CopyError(
@@ -288,6 +301,7 @@ def copy_users(
         raise CopyError(f"The batch size must be at least 1, not {batch_size}.")
     sync = Sync(models, alias, skip_invalid, dry_run, batch_size, on_progress, on_start)
     sync.full = full
+    sync.recorded = record
     connection = connections[alias]
     nested = connection.in_atomic_block
     try:
@@ -300,13 +314,24 @@ def copy_users(
     sync.result.report = report.path
     sync.report = report
     try:
-        with transaction.atomic(using=alias):
-            sync.begin(outermost=not nested)
-            # After a rollback NewUser is read-only for the app; the sync is its one writer.
-            with readonly.engine_writes(alias):
-                sync.run()
-            if dry_run:
-                transaction.set_rollback(True, using=alias)
+        waited_until = time.monotonic() + LOCK_WAIT
+        while True:
+            try:
+                with transaction.atomic(using=alias):
+                    sync.begin(outermost=not nested)
+                    # After a rollback NewUser is read-only for the app; the sync is its one
+                    # writer.
+                    with readonly.engine_writes(alias):
+                        sync.run()
+                    if dry_run:
+                        transaction.set_rollback(True, using=alias)
+                break
+            except _SyncBusy:
+                # Another sync (the follower's, say) holds the lock: a new transaction, so a
+                # new snapshot that sees what it committed, a moment later.
+                if time.monotonic() >= waited_until:
+                    raise CopyError(_BUSY) from None
+                time.sleep(0.05)
     except CopyError as exc:
         sync.log(ok=False, message=str(exc))
         raise
@@ -359,6 +384,8 @@ class Sync:
         self.qn = self.connection.ops.quote_name
         self.result = CopyResult(dry_run=dry_run)
         self.report = None
+        self.recorded = True  # write the run to OperationLog (`copy_users(record=...)`)
+        self.outermost = True  # in a transaction of its own (`begin`)
         self.started, self.started_at = time.perf_counter(), timezone.now()
         self.stamp = timezone.now()  # joined_at of users inserted, updated_at of all written
         self.bad: dict[int, tuple[str, str]] = {}  # rejected before their batch is read
@@ -526,14 +553,15 @@ class Sync:
     # The steps.
 
     def begin(self, *, outermost: bool):
+        self.outermost = outermost
         if self.postgresql and outermost:
             # One snapshot of the legacy table for every read of this sync.
             self.sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
 
     def run(self):
-        saved = self.tune()
         if not self.dry_run:
-            self.lock()
+            self.lock()  # first: its statement takes the snapshot (REPEATABLE READ)
+        saved = self.tune()
         legacy = self.models.legacy.objects.using(self.alias)
         self.max_legacy_id = legacy.aggregate(m=Max("pk"))["m"] or 0
         self.drop_temporary_tables()
@@ -722,14 +750,21 @@ class Sync:
             self.sql("SELECT set_config(%s, %s, true)", [name, value])
 
     def lock(self):
-        """Refuse a second sync while one runs (PostgreSQL); SQLite queues writers by itself."""
+        """One sync at a time (PostgreSQL); SQLite queues writers by itself. A second sync
+        waits up to LOCK_WAIT seconds for the first, then refuses: in its own transaction
+        `copy_users` starts again (a REPEATABLE READ snapshot taken before the first sync
+        committed would not see its writes); inside a caller's READ COMMITTED transaction
+        (the cut-over's switch) each try is a new statement, which sees them."""
         if not self.postgresql:
             return
-        if not self.sql("SELECT pg_try_advisory_xact_lock(%s)", [LOCK_KEY])[0][0]:
-            raise CopyError(
-                "Another user sync is running on this database; wait for it to finish, "
-                "then run again (it will do only what is still to do)."
-            )
+        deadline = time.monotonic() + LOCK_WAIT
+        while not self.sql("SELECT pg_try_advisory_xact_lock(%s)", [LOCK_KEY])[0][0]:
+            if self.outermost:
+                raise _SyncBusy(_BUSY)
+            committed = self.sql("SHOW transaction_isolation")[0][0] == "read committed"
+            if not committed or time.monotonic() >= deadline:
+                raise CopyError(_BUSY)
+            time.sleep(0.05)
 
     def state_or_new_exist(self) -> bool:
         m = self.models
@@ -1332,6 +1367,8 @@ class Sync:
         A failure is recorded after its transaction (or, inside a caller's transaction, its
         savepoint) was rolled back, so the record is not rolled back with it.
         """
+        if not self.recorded:
+            return
         if self.models.log is None or self.dry_run or (ok and not self.result.written):
             return
         try:

@@ -30,12 +30,7 @@ def install(apps, schema_editor):
 
 
 def uninstall(apps, schema_editor):
-    if schema_editor.connection.vendor != "postgresql":
-        return
-    with schema_editor.connection.cursor() as cursor:
-        for event in ("", "_drop"):
-            cursor.execute(f"DROP EVENT TRIGGER IF EXISTS {changecapture.F_DDL}{event}")
-        cursor.execute(f"DROP FUNCTION IF EXISTS {changecapture.F_DDL}() CASCADE")
+    changecapture.unwatch_ddl(schema_editor.connection)
 
 
 class Migration(migrations.Migration):

@@ -305,6 +305,9 @@ def test_a_dropped_and_recreated_trigger_or_a_replaced_function_is_seen():
         "ALTER TABLE account_user ENABLE ALWAYS TRIGGER account_user_capture",
         f"CREATE OR REPLACE FUNCTION {changecapture.F_USER}() RETURNS trigger "
         f"LANGUAGE plpgsql AS $$ {changecapture.FUNCTIONS[changecapture.F_USER]} $$",
+        # The rename and SyncState triggers are watched too, not only the user tables'.
+        "ALTER TABLE auth_group DISABLE TRIGGER auth_group_capture_rename; "
+        "ALTER TABLE auth_group ENABLE ALWAYS TRIGGER auth_group_capture_rename",
     ):
         assert sync().source == "log"
         alter(statement)
@@ -384,3 +387,40 @@ def test_sqlite_compares_every_user_as_before():
     result = sync()
     assert (result.source, result.copied) == ("full", 1)
     assert not legacy_log()
+
+
+@postgresql
+@pytest.mark.django_db(transaction=True)
+def test_a_disabled_ddl_watch_counts_as_missing():
+    """Commands on event triggers fire none: the sync looks at the watch itself."""
+    make_legacy("alice", "alice@example.com")
+    sync()
+    alter(f"ALTER EVENT TRIGGER {changecapture.F_DDL} DISABLE")
+    try:
+        assert changecapture.missing(connection) == [changecapture.F_DDL]
+        assert sync().source == "full"
+    finally:
+        alter(f"ALTER EVENT TRIGGER {changecapture.F_DDL} ENABLE ALWAYS")
+    assert changecapture.missing(connection) == []
+
+
+@postgresql
+@pytest.mark.django_db(transaction=True)
+def test_the_ddl_watch_leaves_other_ddl_alone():
+    """A foreign key to the user table dropped (PostgreSQL drops its internal triggers on
+    account_user too) logs nothing; a role that cannot see the schema still runs its DDL."""
+    make_legacy("alice", "alice@example.com")
+    sync()
+    alter("CREATE TABLE other_order (id int, user_id bigint REFERENCES account_user (id))")
+    alter("ALTER TABLE other_order DROP CONSTRAINT other_order_user_id_fkey")
+    alter("DROP TABLE other_order")
+    assert legacy_log() == []
+    alter("CREATE ROLE review_outsider")
+    try:
+        with transaction.atomic():
+            alter("REVOKE USAGE ON SCHEMA public FROM PUBLIC")
+            alter("SET LOCAL ROLE review_outsider")
+            alter("CREATE TEMPORARY TABLE outsider_scratch (id int)")
+            transaction.set_rollback(True)
+    finally:
+        alter("DROP ROLE review_outsider")

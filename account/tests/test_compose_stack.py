@@ -247,11 +247,13 @@ def is_running(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def test_make_up_waits_until_both_services_are_healthy_and_prints_the_url(stack):
+def test_make_up_waits_until_every_service_is_healthy_and_prints_the_url(stack):
     assert f"http://127.0.0.1:{stack.port}/" in stack.up.stdout
     ps = ok(stack.compose("ps", "--format", "json"))
     services = [json.loads(line) for line in ps.stdout.splitlines() if line.strip()]
-    assert {s["Service"]: s["Health"] for s in services} == {"db": "healthy", "web": "healthy"}
+    assert {s["Service"]: s["Health"] for s in services} == {
+        "db": "healthy", "web": "healthy", "sync": "healthy",
+    }  # fmt: skip
 
 
 def test_health_answers_on_the_published_port(stack):
@@ -323,6 +325,26 @@ def test_every_legacy_user_is_copied_or_listed_in_the_copy_report(stack, flow):
     report = ok(stack.web("sh", "-c", "ls -t /app/reports/user-copy-*.csv | head -n 1")).stdout
     lines = ok(stack.web("cat", report.strip())).stdout.splitlines()
     assert len(lines) - 1 == left  # a header, then one line per row left behind
+
+
+def test_the_sync_service_follows_and_stops_cleanly(stack, flow):
+    """It waited for the migrations, then followed; the recipe's rejected rows (default
+    policy) make its syncs refuse, said once; `docker compose stop` ends it with status 0."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        logs = ok(stack.compose("logs", "--no-color", "sync")).stdout
+        if "the sync refused" in logs:
+            break
+        stack.sql("UPDATE account_user SET full_name = full_name || '.' WHERE id = "
+                  "(SELECT min(id) FROM account_user)")  # fmt: skip
+        time.sleep(1)
+    assert "Following the change log" in logs, logs
+    assert logs.count("the sync refused") == 1 and "Traceback" not in logs, logs
+    ok(stack.compose("stop", "sync", timeout=60))
+    ps = ok(stack.compose("ps", "-a", "--format", "json", "sync")).stdout
+    (service,) = [json.loads(line) for line in ps.splitlines() if line.strip()]
+    assert service["ExitCode"] == 0, service
+    assert "Follower stopped (SIGTERM)" in ok(stack.compose("logs", "--no-color", "sync")).stdout
 
 
 def test_the_backup_is_mode_0600_and_owned_by_the_app_user(stack, flow):

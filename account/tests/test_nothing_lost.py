@@ -586,3 +586,44 @@ def test_the_legacy_log_is_off_while_cut_over_and_back_after_the_rollback(deploy
     assert deploy.one("SELECT full_name FROM account_newuser WHERE username = 'bob'") == (
         "Logged Again"
     )
+
+
+@postgresql_only
+def test_a_replica_only_log_trigger_on_a_newuser_link_table_makes_the_rollback_compare_all(deploy):
+    """Such a trigger skips ordinary sessions: the log is not trusted, every user compared,
+    even with the DDL watch's 'full' row deleted (so the trigger's state alone decides)."""
+    deploy.cutover()
+    deploy.sql(
+        "ALTER TABLE account_newuser_groups ENABLE REPLICA TRIGGER "
+        "account_newuser_groups_change_log; "
+        "DELETE FROM account_changelog WHERE side = 'new' AND op = 'full'"
+    )
+    assert "every user is compared" in deploy.rollback()
+
+
+@postgresql_only
+def test_a_log_gap_opened_during_the_rollbacks_backup_is_seen_under_its_lock(deploy):
+    """The choice between the log and a full compare is made again under the lock."""
+    deploy.cutover()
+    gap = (
+        "ALTER TABLE account_newuser DISABLE TRIGGER account_newuser_change_log; "
+        "UPDATE account_newuser SET full_name = 'Gap During Backup' WHERE username = 'bob'; "
+        "ALTER TABLE account_newuser ENABLE ALWAYS TRIGGER account_newuser_change_log"
+    )
+    out = deploy.python(
+        OLD,
+        "from django.core.management import call_command\n"
+        "from django.db import connection\n"
+        "from account import cutover\n"
+        "backup = cutover.Rollback.take_backup\n"
+        "def take_backup(self):\n"
+        "    backup(self)\n"
+        "    with connection.cursor() as cursor:\n"
+        f"        cursor.execute({gap!r})\n"
+        "cutover.Rollback.take_backup = take_backup\n"
+        "call_command('cutover_rollback')",
+    )
+    assert "under the lock: every user is compared" in out
+    assert deploy.one("SELECT full_name FROM account_user WHERE username = 'bob'") == (
+        "Gap During Backup"
+    )

@@ -1,13 +1,21 @@
 """Bring NewUser in line with the legacy table: the re-sync behind `make migrate-data`."""
 
+from pathlib import Path
+
 from django.conf import settings
 from django.core.management.base import CommandError
+from django.utils import timezone
 
 from account.dbutil import table_exists
+from account.follower import follow, summary_line
 from account.management.base import OneLineErrorCommand
 from account.models import ChangeLog, NewUser, OperationLog, Profile, SyncState, User
 from account.progress import progress
 from account.usercopy import BATCH, CopyError, CopyModels, copy_users
+
+MODELS = CopyModels(
+    legacy=User, new=NewUser, profile=Profile, state=SyncState, log=OperationLog, changes=ChangeLog
+)
 
 
 class Command(OneLineErrorCommand):
@@ -43,17 +51,40 @@ class Command(OneLineErrorCommand):
             help="Compare every legacy user with its sync state, as the first copy does, even "
             "when the change log (PostgreSQL) says which users were written since the last sync.",
         )
-        if not self.dry_run_default:
-            parser.add_argument(
-                "--dry-run",
-                action="store_true",
-                help="Check every row and write the report, but write nothing to the database.",
-            )
+        if self.dry_run_default:
+            return
+        parser.add_argument(
+            "--follow",
+            action="store_true",
+            help="Keep running: sync once, then carry each legacy write as it commits "
+            "(PostgreSQL: LISTEN for the change log's NOTIFY). SIGTERM or Ctrl-C finishes the "
+            "sync in hand and exits 0; a second follower refuses. `make up` runs one (the "
+            "`sync` service).",
+        )
+        parser.add_argument(
+            "--alive-file",
+            type=Path,
+            help="With --follow: touch this file at least every 5 s while the follower waits, "
+            "and after each sync, for a healthcheck that reads its age (docker-compose.yml).",
+        )
+        parser.add_argument(
+            "--dry-run",
+            action="store_true",
+            help="Check every row and write the report, but write nothing to the database.",
+        )
 
     def handle(self, *args, skip_invalid, batch_size, verbosity, full, **options):
         dry_run = options.get("dry_run", self.dry_run_default)
+        follow = options.get("follow", False)
         if batch_size <= 0:
             raise CommandError("--batch-size must be greater than 0")
+        if follow and (dry_run or full):
+            raise CommandError(
+                "--follow writes, from the change log: without --dry-run and --full (run "
+                "`copy_users --full` once, then follow)."
+            )
+        if follow:  # it waits for the migrations itself (a service started with the stack)
+            return self.follow(skip_invalid, batch_size, verbosity, options.get("alive_file"))
         if not all(table_exists(model) for model in (User, NewUser, SyncState)):
             raise CommandError(
                 "The account tables do not exist: run `python manage.py migrate` first."
@@ -68,14 +99,7 @@ class Command(OneLineErrorCommand):
 
         try:
             result = copy_users(
-                CopyModels(
-                    legacy=User,
-                    new=NewUser,
-                    profile=Profile,
-                    state=SyncState,
-                    log=OperationLog,
-                    changes=ChangeLog,
-                ),
+                MODELS,
                 full=full,
                 skip_invalid=skip_invalid,
                 dry_run=dry_run,
@@ -89,6 +113,47 @@ class Command(OneLineErrorCommand):
         finally:
             bar.close()
         self.report(result, skip_invalid, verbosity)
+
+    def follow(self, skip_invalid, batch_size, verbosity, alive_file):
+        def say(line, style=None):
+            if verbosity >= 1:
+                self.stdout.write(style(line) if style else line)
+                self.stdout.flush()
+
+        def synced(result):
+            if result.written or result.rejected_total:
+                say(
+                    f"{timezone.localtime():%H:%M:%S} inserted {result.copied}, updated "
+                    f"{result.updated}, deleted {result.deleted} users ({result.log_rows} log "
+                    f"rows, {result.seconds * 1000:.0f} ms)"
+                    + (
+                        f"; {result.rejected_total} rejected rows stay, listed in {result.report}"
+                        if result.rejected_total
+                        else ""
+                    )
+                )
+
+        def refused(message):
+            self.stderr.write(f"copy_users --follow: the sync refused: {message}")
+
+        try:
+            done = follow(
+                MODELS,
+                skip_invalid=skip_invalid,
+                batch_size=batch_size,
+                report_dir=settings.REPORT_DIR,
+                on_sync=synced,
+                on_refused=refused,
+                on_idle=say,
+                alive_file=alive_file,
+                on_ready=lambda: say(
+                    "Following the change log: each legacy write is carried as it commits. "
+                    "SIGTERM or Ctrl-C stops after the sync in hand."
+                ),
+            )
+        except CopyError as exc:
+            raise CommandError(str(exc)) from exc
+        say(summary_line(done), self.style.SUCCESS)
 
     def report(self, result, skip_invalid, verbosity):
         if verbosity < 1:

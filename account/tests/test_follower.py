@@ -1,0 +1,230 @@
+"""`copy_users --follow` (PostgreSQL): each legacy write carried as it commits, a clean stop
+on SIGTERM, one follower at a time, and nothing lost when it is killed."""
+
+import signal
+import threading
+import time
+
+import pytest
+
+from . import test_cutover
+from .conftest import assert_clean_failure
+from .test_cutover import OLD, postgresql_only
+
+deploy1_template = test_cutover.deploy1_template
+deploy = test_cutover.deploy
+
+
+def start_follower(deploy, *args):
+    """A follower process, returned once it says it follows (its first sync done)."""
+    proc = deploy.popen(OLD, "copy_users", "--follow", *args)
+    return proc, read_until(proc, "Following the change log")
+
+
+def wait_for(predicate, seconds=20):
+    """A liveness check, not a timing: the bench measures the lag."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def differing(deploy) -> int:
+    return deploy.one(
+        "SELECT COUNT(*) FROM account_user l FULL JOIN account_newuser n ON n.id = l.id "
+        "WHERE l.id IS NULL OR n.id IS NULL OR l.full_name IS DISTINCT FROM n.full_name"
+    )
+
+
+@postgresql_only
+def test_the_follower_carries_each_write_and_stops_on_sigterm(deploy):
+    deploy.sql("UPDATE account_user SET full_name = 'Before The Follower' WHERE username = 'bob'")
+    proc, _ = start_follower(deploy)
+    try:
+        # What was written while no follower ran: its first sync carried it.
+        assert deploy.one("SELECT full_name FROM account_newuser WHERE username = 'bob'") == (
+            "Before The Follower"
+        )
+        deploy.sql("UPDATE account_user SET full_name = 'Followed' WHERE username = 'bob'")
+        assert wait_for(
+            lambda: (
+                deploy.one("SELECT full_name FROM account_newuser WHERE username = 'bob'")
+                == "Followed"
+            )
+        )
+        second = deploy.manage(OLD, "copy_users", "--follow", timeout=60)
+        assert_clean_failure(second, "Another follower is running on this database")
+        assert len(second.stderr.strip().splitlines()) == 1
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out
+    assert "Follower stopped (SIGTERM)" in out and "Traceback" not in out
+    assert deploy.one("SELECT COUNT(*) FROM account_changelog WHERE side = 'legacy'") == 0
+
+
+@postgresql_only
+def test_a_follower_killed_mid_load_loses_nothing(deploy):
+    """kill -9 while writers run: the log position commits with the writes, so one sync
+    afterwards brings NewUser level with the legacy table."""
+    proc, _ = start_follower(deploy)
+    stop = threading.Event()
+
+    def write():
+        with deploy.connect() as conn:
+            n = 0
+            while not stop.is_set():  # signups (each written once) and edits
+                n += 1
+                conn.execute(
+                    "INSERT INTO account_user (password, is_superuser, username, email, "
+                    "full_name, phone_number, is_active, is_staff) VALUES "
+                    "('!unusable', false, %s, %s, '', '', true, false)",
+                    [f"signup{n}", f"signup{n}@example.com"],
+                )
+                conn.execute(
+                    "UPDATE account_user SET full_name = %s WHERE id = "
+                    "(SELECT id FROM account_user ORDER BY random() LIMIT 1)",
+                    [f"Write {n}"],
+                )
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        time.sleep(1.5)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        writer.join()
+        proc.kill()
+    assert deploy.one("SELECT COUNT(*) FROM account_changelog WHERE side = 'legacy'") > 0
+    deploy.ok(OLD, "copy_users")
+    assert differing(deploy) == 0
+
+
+def read_until(proc, prefix, seconds=60):
+    """The process's lines up to one starting with `prefix`; a process silent for longer than
+    `seconds` is killed (its stdout then ends), so the test fails instead of hanging."""
+    watchdog = threading.Timer(seconds, proc.kill)
+    watchdog.start()
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith(prefix):
+                return lines
+    finally:
+        watchdog.cancel()
+    proc.kill()
+    pytest.fail(f"no line starting with {prefix!r}: " + "".join(lines))
+
+
+def stop(proc) -> str:
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    return out
+
+
+@postgresql_only
+def test_a_follower_waits_through_the_cutover_and_follows_again_after_the_rollback(deploy):
+    """As a service it never exits on its own: cut over, it waits; rolled back, it follows."""
+    proc, _ = start_follower(deploy)
+    try:
+        stop(proc)  # the cut-over wants no sync running
+        deploy.cutover()
+        proc = deploy.popen(OLD, "copy_users", "--follow")
+        read_until(proc, "The cut-over is done")
+        deploy.rollback()
+        deploy.sql(
+            "UPDATE account_user SET full_name = 'After The Rollback' WHERE username = 'bob'"
+        )
+        assert wait_for(
+            lambda: (
+                deploy.one("SELECT full_name FROM account_newuser WHERE username = 'bob'")
+                == "After The Rollback"
+            ),
+            seconds=60,
+        )
+        assert "Follower stopped (SIGTERM)" in stop(proc)
+    finally:
+        proc.kill()
+
+
+@postgresql_only
+def test_a_follower_started_before_the_migrations_waits_for_them(deploy):
+    deploy.sql("DELETE FROM django_migrations WHERE app = 'account' AND name LIKE '0007%%'")
+    proc = deploy.popen(OLD, "copy_users", "--follow")
+    try:
+        read_until(proc, "Waiting for `python manage.py migrate` (1 migrations not applied")
+        deploy.ok(OLD, "migrate", "--no-input")
+        read_until(proc, "Following the change log")
+        stop(proc)
+    finally:
+        proc.kill()
+
+
+@postgresql_only
+def test_a_refusing_sync_is_said_once_and_keeps_one_report(deploy):
+    """Under the default policy a rejected legacy row makes every sync refuse: the follower
+    says so once (not once per write), keeps only its newest report, and carries the rest as
+    soon as the row is fixed."""
+    proc, _ = start_follower(deploy)
+    try:
+        deploy.sql("UPDATE account_user SET email = 'not-an-email' WHERE username = 'bob'")
+        for n in range(5):
+            time.sleep(0.3)
+            deploy.sql(
+                "UPDATE account_user SET full_name = %s WHERE username = 'alice'", [f"Try {n}"]
+            )
+        time.sleep(1)
+        deploy.sql("UPDATE account_user SET email = 'bob@example.com' WHERE username = 'bob'")
+        assert wait_for(
+            lambda: (
+                deploy.one("SELECT full_name FROM account_newuser WHERE username = 'alice'")
+                == "Try 4"
+            )
+        )
+        out = stop(proc)
+    finally:
+        proc.kill()
+    assert out.count("the sync refused") == 1, out
+    assert "email_invalid" in out
+    assert len(list((deploy.tmp_path / "reports" / "follower").glob("*.csv"))) <= 1
+
+
+@postgresql_only
+def test_follow_refuses_dry_run_and_full(deploy):
+    for extra in ("--dry-run", "--full"):
+        proc = deploy.manage(OLD, "copy_users", "--follow", extra, timeout=60)
+        assert_clean_failure(proc, "--follow writes, from the change log")
+
+
+@postgresql_only
+def test_a_follower_stopped_by_ctrl_c_exits_0_and_its_alive_file_is_kept_fresh(deploy):
+    alive = deploy.tmp_path / "alive"
+    proc, _ = start_follower(deploy, "--alive-file", str(alive))
+    try:
+        first = alive.stat().st_mtime
+        assert wait_for(lambda: alive.stat().st_mtime > first)  # touched while it waits
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "Follower stopped (SIGINT)" in out, out
+
+
+@pytest.mark.django_db
+def test_on_sqlite_follow_refuses_in_one_line():
+    from django.core.management import call_command
+    from django.core.management.base import CommandError
+    from django.db import connection
+
+    if connection.vendor == "postgresql":
+        pytest.skip("SQLite only")
+    with pytest.raises(CommandError, match="--follow needs PostgreSQL"):
+        call_command("copy_users", "--follow")
