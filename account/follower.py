@@ -31,6 +31,7 @@ from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+import psycopg
 from django.db import DatabaseError, connections
 from django.db.migrations.executor import MigrationExecutor
 from django.utils import timezone
@@ -120,7 +121,8 @@ def follow(
         if not cursor.fetchone()[0]:
             cursor.execute(
                 "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objid = %s "
-                "AND granted LIMIT 1",
+                "AND granted AND database = (SELECT oid FROM pg_database "
+                "WHERE datname = current_database()) LIMIT 1",
                 [FOLLOW_KEY],
             )
             holder = cursor.fetchone()
@@ -133,12 +135,26 @@ def follow(
         cursor.execute("SELECT pg_backend_pid()")
         own_pid = cursor.fetchone()[0]
     last_refusal = None
-    # Its reports apart, the newest only: a rejected row still pending would otherwise
-    # leave a file per sync.
-    reports = Path(report_dir) / "follower"
+    announced = None  # the report a refusal named: kept while the refusal stands
+    refused_at = None  # the log's newest id when a sync last refused
+    # Its reports apart (one folder per database: followers of other databases clean up
+    # their own), the newest only: a rejected row still pending would otherwise leave a file
+    # per sync.
+    reports = Path(report_dir) / "follower" / str(connection.settings_dict["NAME"])
+
+    def same_connection():
+        """Django reconnects by itself after a lost connection; the new one would hold
+        neither the follower's lock nor its LISTEN."""
+        raw = connection.connection
+        if raw is None or raw.closed or raw.info.backend_pid != own_pid:
+            raise FollowError(
+                "The follower lost its database connection (and with it its lock and its "
+                "LISTEN); it stopped. What it had not committed is still in the change log: "
+                "start it again."
+            )
 
     def sync_once():
-        nonlocal last_refusal
+        nonlocal last_refusal, announced, refused_at
         try:
             result = copy_users(
                 models,
@@ -149,17 +165,23 @@ def follow(
                 record=False,
             )
         except CopyError as exc:
-            keep_newest(reports)
+            same_connection()
             if readonly_now(models, using):
                 raise CutOver from None
             done.refused += 1
+            refused_at = newest_log_id(models, using)
             # Once, not once per write: the same refusal names a new report each time.
             if REPORT.sub("", str(exc)) != last_refusal:
                 last_refusal = REPORT.sub("", str(exc))
+                named = REPORT.search(str(exc))
+                announced = Path(named.group()) if named else None
                 record(models, using, ok=False, message=str(exc))
                 if on_refused:
                     on_refused(str(exc))
+            keep_newest(reports, keep=announced)
             return
+        same_connection()
+        announced = refused_at = None
         keep_newest(reports)
         last_refusal = None
         done.syncs += 1
@@ -180,6 +202,7 @@ def follow(
                         on_idle(reason)
                     last_refusal = reason
                     stop.wait(heartbeat)
+                    drain(connection)  # what was notified meanwhile is not for us
                     continue
                 try:
                     sync_once()
@@ -187,11 +210,12 @@ def follow(
                         on_ready()
                     started = True
                     carry(
-                        sync_once, stop, connection, own_pid, heartbeat, models, using, alive_file
-                    )
+                        sync_once, stop, connection, own_pid, heartbeat, models, using,
+                        alive_file, lambda: refused_at,
+                    )  # fmt: skip
                 except CutOver:
                     continue  # idle_reason says so, once
-    except DatabaseError as exc:
+    except (DatabaseError, psycopg.Error) as exc:
         raise FollowError(
             f"The database connection failed ({str(exc).strip().splitlines()[0]}); the "
             "follower stopped. What it had not committed is still in the change log: start "
@@ -207,8 +231,9 @@ def follow(
     return done
 
 
-def carry(sync_once, stop, connection, own_pid, heartbeat, models, using, alive_file):
-    """Sync at each notification (or heartbeat with a non-empty log) until `stop`."""
+def carry(sync_once, stop, connection, own_pid, heartbeat, models, using, alive_file, refused_at):
+    """Sync at each notification (or heartbeat with a non-empty log) until `stop`. Every
+    note waiting is read before one sync: a sync carries all that committed before it."""
     waited = time.monotonic()
     while not stop.is_set():
         touch(alive_file)
@@ -217,10 +242,13 @@ def carry(sync_once, stop, connection, own_pid, heartbeat, models, using, alive_
         # once: the generator holds the connection's lock until it ends.
         with closing(connection.connection.notifies(timeout=0.5, stop_after=1)) as notes:
             woken = any(note.pid != own_pid for note in notes)
+        woken = drain(connection, own_pid) or woken
         if stop.is_set():
             return
         if not woken and time.monotonic() - waited >= heartbeat:
-            woken = log_not_empty(models, using)
+            # A refused sync is not run again until something new is logged.
+            newest = newest_log_id(models, using)
+            woken = newest is not None and newest != refused_at()
             waited = time.monotonic()
         if woken:
             sync_once()
@@ -256,25 +284,39 @@ def summary_line(done: Followed) -> str:
     )
 
 
+def drain(connection, own_pid=None) -> bool:
+    """Read every note already received; whether one came from another backend."""
+    with closing(connection.connection.notifies(timeout=0)) as notes:
+        return any(note.pid != own_pid for note in notes)
+
+
+def newest_log_id(models, using):
+    changes = models.changes
+    return (
+        changes.objects.using(using)
+        .filter(side=changes.Side.LEGACY)
+        .order_by("-id")
+        .values_list("id", flat=True)
+        .first()
+    )
+
+
 def touch(path: Path | None) -> None:
     if path is not None:
         with suppress(OSError):  # a healthcheck's file: never a reason to stop following
             path.touch()
 
 
-def keep_newest(reports: Path) -> None:
-    files = sorted(reports.glob("*.csv"), key=lambda p: p.stat().st_mtime)
+def keep_newest(reports: Path, keep: Path | None = None) -> None:
+    """Delete this follower's reports but the newest (and `keep`, the one a refusal named)."""
+    files = sorted(reports.glob("*.csv"), key=lambda p: p.name)  # named by time
     for old in files[:-1]:
-        old.unlink(missing_ok=True)
+        if old != keep:
+            old.unlink(missing_ok=True)
 
 
 def readonly_now(models, using) -> bool:
     return readonly.is_read_only(models.legacy, using)
-
-
-def log_not_empty(models, using) -> bool:
-    changes = models.changes
-    return changes.objects.using(using).filter(side=changes.Side.LEGACY).exists()
 
 
 def record(models, using, *, ok, message):

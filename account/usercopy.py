@@ -49,7 +49,7 @@ import csv
 import os
 import time
 from collections import Counter, namedtuple
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field
 from datetime import datetime
 from itertools import islice
@@ -100,10 +100,6 @@ _BUSY = (
     f"Another user sync is running on this database (still after {LOCK_WAIT:.0f} s); wait for "
     "it to finish, then run again (it will do only what is still to do)."
 )
-
-
-class _SyncBusy(Exception):
-    """The sync lock is taken, in a transaction of the sync's own: start it again."""
 
 
 REPORT_FIELDS = ("legacy_id", "username", "reason", "detail")
@@ -313,25 +309,20 @@ def copy_users(
         ) from None
     sync.result.report = report.path
     sync.report = report
+    # In a transaction of its own (PostgreSQL), the sync takes its lock before the
+    # transaction begins: its REPEATABLE READ snapshot then starts after the sync before it
+    # committed (a lock taken inside would be granted after the snapshot was taken).
+    session_lock = sync.postgresql and not nested and not dry_run
     try:
-        waited_until = time.monotonic() + LOCK_WAIT
-        while True:
-            try:
-                with transaction.atomic(using=alias):
-                    sync.begin(outermost=not nested)
-                    # After a rollback NewUser is read-only for the app; the sync is its one
-                    # writer.
-                    with readonly.engine_writes(alias):
-                        sync.run()
-                    if dry_run:
-                        transaction.set_rollback(True, using=alias)
-                break
-            except _SyncBusy:
-                # Another sync (the follower's, say) holds the lock: a new transaction, so a
-                # new snapshot that sees what it committed, a moment later.
-                if time.monotonic() >= waited_until:
-                    raise CopyError(_BUSY) from None
-                time.sleep(0.05)
+        if session_lock:
+            sync.lock(session=True)
+        with transaction.atomic(using=alias):
+            sync.begin(outermost=not nested)
+            # After a rollback NewUser is read-only for the app; the sync is its one writer.
+            with readonly.engine_writes(alias):
+                sync.run()
+            if dry_run:
+                transaction.set_rollback(True, using=alias)
     except CopyError as exc:
         sync.log(ok=False, message=str(exc))
         raise
@@ -343,6 +334,9 @@ def copy_users(
         sync.log(ok=False, message=message)
         raise CopyError(message) from exc
     finally:
+        if session_lock and sync.locked:
+            with suppress(DatabaseError), connection.cursor() as cursor:
+                cursor.execute("SELECT pg_advisory_unlock(%s)", [LOCK_KEY])
         report.close()
         if not sync.result.rejected_total:
             report.path.unlink(missing_ok=True)
@@ -386,6 +380,7 @@ class Sync:
         self.report = None
         self.recorded = True  # write the run to OperationLog (`copy_users(record=...)`)
         self.outermost = True  # in a transaction of its own (`begin`)
+        self.locked = False  # holds the session-level sync lock (`lock(session=True)`)
         self.started, self.started_at = time.perf_counter(), timezone.now()
         self.stamp = timezone.now()  # joined_at of users inserted, updated_at of all written
         self.bad: dict[int, tuple[str, str]] = {}  # rejected before their batch is read
@@ -560,7 +555,7 @@ class Sync:
 
     def run(self):
         if not self.dry_run:
-            self.lock()  # first: its statement takes the snapshot (REPEATABLE READ)
+            self.lock()  # inside a caller's transaction; a no-op under the session lock
         saved = self.tune()
         legacy = self.models.legacy.objects.using(self.alias)
         self.max_legacy_id = legacy.aggregate(m=Max("pk"))["m"] or 0
@@ -750,22 +745,24 @@ class Sync:
         for name, value in settings.items():
             self.sql("SELECT set_config(%s, %s, true)", [name, value])
 
-    def lock(self):
+    def lock(self, session: bool = False):
         """One sync at a time (PostgreSQL); SQLite queues writers by itself. A second sync
-        waits up to LOCK_WAIT seconds for the first, then refuses: in its own transaction
-        `copy_users` starts again (a REPEATABLE READ snapshot taken before the first sync
-        committed would not see its writes); inside a caller's READ COMMITTED transaction
-        (the cut-over's switch) each try is a new statement, which sees them."""
-        if not self.postgresql:
+        waits up to LOCK_WAIT seconds for the first, then refuses. `session`: before the
+        sync's own transaction, in autocommit (released by `copy_users` at its end);
+        otherwise for the caller's transaction (the cut-over's switch, READ COMMITTED: each
+        try is a new statement, with a new snapshot), unless the session lock is held."""
+        if not self.postgresql or (self.locked and not session):
             return
+        take = "pg_try_advisory_lock" if session else "pg_try_advisory_xact_lock"
         deadline = time.monotonic() + LOCK_WAIT
-        while not self.sql("SELECT pg_try_advisory_xact_lock(%s)", [LOCK_KEY])[0][0]:
-            if self.outermost:
-                raise _SyncBusy(_BUSY)
-            committed = self.sql("SHOW transaction_isolation")[0][0] == "read committed"
-            if not committed or time.monotonic() >= deadline:
+        while not self.sql(f"SELECT {take}(%s)", [LOCK_KEY])[0][0]:
+            repeatable = (
+                not session and self.sql("SHOW transaction_isolation")[0][0] != "read committed"
+            )
+            if repeatable or time.monotonic() >= deadline:
                 raise CopyError(_BUSY)
             time.sleep(0.05)
+        self.locked = session
 
     def state_or_new_exist(self) -> bool:
         m = self.models
