@@ -13,11 +13,13 @@ and a statement trigger on the log sends a `NOTIFY` on `CHANNEL` when the writer
    carries them;
 4. also syncs every `heartbeat` seconds when the log is not empty (a notification is only a
    hint: one sent while the connection was being re-made, or by this follower's own
-   'pending' rows, which it ignores, is not needed for correctness);
+   'pending' rows, which it ignores, is not needed for correctness). This is also how a
+   refused sync is tried again: what made it refuse can pass without a legacy write (another
+   sync finished, a row referencing a deleted user was removed, the database came back);
 5. on SIGTERM or SIGINT (Ctrl-C) finishes the sync in hand and returns.
 
 A sync that refuses (a rejected row under the default policy, a conflict, another sync
-running) is reported once, not once per write, and retried at the next change. While there
+running) is reported once, not once per write, and retried at the next change or heartbeat. While there
 is nothing to follow (migrations not applied yet, so no first copy; or cut over) it says so
 once and looks again every `heartbeat` seconds: as a service it never exits on its own.
 """
@@ -136,7 +138,6 @@ def follow(
         own_pid = cursor.fetchone()[0]
     last_refusal = None
     announced = None  # the report a refusal named: kept while the refusal stands
-    refused_at = None  # the log's newest id when a sync last refused
     # Its reports apart (one folder per database: followers of other databases clean up
     # their own), the newest only: a rejected row still pending would otherwise leave a file
     # per sync.
@@ -154,7 +155,7 @@ def follow(
             )
 
     def sync_once():
-        nonlocal last_refusal, announced, refused_at
+        nonlocal last_refusal, announced
         try:
             result = copy_users(
                 models,
@@ -169,7 +170,6 @@ def follow(
             if readonly_now(models, using):
                 raise CutOver from None
             done.refused += 1
-            refused_at = newest_log_id(models, using)
             # Once, not once per write: the same refusal names a new report each time.
             if REPORT.sub("", str(exc)) != last_refusal:
                 last_refusal = REPORT.sub("", str(exc))
@@ -181,7 +181,7 @@ def follow(
             keep_newest(reports, keep=announced)
             return
         same_connection()
-        announced = refused_at = None
+        announced = None
         keep_newest(reports)
         last_refusal = None
         done.syncs += 1
@@ -211,7 +211,7 @@ def follow(
                     started = True
                     carry(
                         sync_once, stop, connection, own_pid, heartbeat, models, using,
-                        alive_file, lambda: refused_at,
+                        alive_file,
                     )  # fmt: skip
                 except CutOver:
                     continue  # idle_reason says so, once
@@ -231,7 +231,7 @@ def follow(
     return done
 
 
-def carry(sync_once, stop, connection, own_pid, heartbeat, models, using, alive_file, refused_at):
+def carry(sync_once, stop, connection, own_pid, heartbeat, models, using, alive_file):
     """Sync at each notification (or heartbeat with a non-empty log) until `stop`. Every
     note waiting is read before one sync: a sync carries all that committed before it."""
     waited = time.monotonic()
@@ -246,9 +246,9 @@ def carry(sync_once, stop, connection, own_pid, heartbeat, models, using, alive_
         if stop.is_set():
             return
         if not woken and time.monotonic() - waited >= heartbeat:
-            # A refused sync is not run again until something new is logged.
-            newest = newest_log_id(models, using)
-            woken = newest is not None and newest != refused_at()
+            # Rows left in the log: a refused sync, or users kept pending, tried again (their
+            # cause may have passed with no legacy write). Cheap: it reads only those users.
+            woken = newest_log_id(models, using) is not None
             waited = time.monotonic()
         if woken:
             sync_once()

@@ -272,3 +272,27 @@ def test_a_follower_whose_connection_is_killed_stops_in_one_line(deploy):
     assert "Traceback" not in out and "copy_users: error:" in out, out
     again, _ = start_follower(deploy)
     stop(again)
+
+
+@postgresql_only
+def test_a_refusal_whose_cause_passes_without_a_legacy_write_is_retried(deploy):
+    """Another sync held the lock past the follower's wait: its sync refused. Nothing new is
+    written to the legacy table after the lock is released, yet the write is carried at the
+    next heartbeat (what makes a sync refuse can pass with no legacy write at all)."""
+    proc, _ = start_follower(deploy)
+    try:
+        with deploy.connect() as holder:
+            holder.execute("SELECT pg_advisory_lock(727001)")  # the sync's own lock
+            deploy.sql("UPDATE account_user SET full_name = 'Held Up' WHERE username = 'bob'")
+            read_until(proc, "copy_users --follow: the sync refused: Another user sync")
+            holder.execute("SELECT pg_advisory_unlock(727001)")
+        assert wait_for(
+            lambda: (
+                deploy.one("SELECT full_name FROM account_newuser WHERE username = 'bob'")
+                == "Held Up"
+            )
+        ), "the refused write was not carried after its cause passed"
+        out = stop(proc)
+    finally:
+        proc.kill()
+    assert "Traceback" not in out, out
