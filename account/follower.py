@@ -121,21 +121,16 @@ def follow(
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_try_advisory_lock(%s)", [FOLLOW_KEY])
         if not cursor.fetchone()[0]:
-            cursor.execute(
-                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objid = %s "
-                "AND granted AND database = (SELECT oid FROM pg_database "
-                "WHERE datname = current_database()) LIMIT 1",
-                [FOLLOW_KEY],
-            )
-            holder = cursor.fetchone()
+            holder = follower_pid(cursor)
             raise FollowError(
                 "Another follower is running on this database"
-                + (f" (database backend pid {holder[0]})" if holder else "")
+                + (f" (database backend pid {holder})" if holder else "")
                 + ": one at a time. Stop it first (SIGTERM), or let it carry the changes."
             )
         cursor.execute(f"LISTEN {CHANNEL}")
         cursor.execute("SELECT pg_backend_pid()")
         own_pid = cursor.fetchone()[0]
+    run = Run(models, using)
     last_refusal = None
     announced = None  # the report a refusal named: kept while the refusal stands
     # Its reports apart (one folder per database: followers of other databases clean up
@@ -175,12 +170,13 @@ def follow(
                 last_refusal = REPORT.sub("", str(exc))
                 named = REPORT.search(str(exc))
                 announced = Path(named.group()) if named else None
-                record(models, using, ok=False, message=str(exc))
+                run.save(done, ok=False, message=str(exc), result=getattr(exc, "result", None))
                 if on_refused:
                     on_refused(str(exc))
             keep_newest(reports, keep=announced)
             return
         same_connection()
+        recovered = last_refusal is not None
         announced = None
         keep_newest(reports)
         last_refusal = None
@@ -188,6 +184,8 @@ def follow(
         done.copied += result.copied
         done.updated += result.updated
         done.deleted += result.deleted
+        if result.written or recovered or run.rejected != result.rejected_total:
+            run.save(done, ok=True, message=running_line(done, result), result=result)
         if on_sync:
             on_sync(result)
 
@@ -216,18 +214,23 @@ def follow(
                 except CutOver:
                     continue  # idle_reason says so, once
     except (DatabaseError, psycopg.Error) as exc:
-        raise FollowError(
+        failure = FollowError(
             f"The database connection failed ({str(exc).strip().splitlines()[0]}); the "
             "follower stopped. What it had not committed is still in the change log: start "
             "it again."
-        ) from exc
+        )
+        run.stop(done, ok=False, message=str(failure))
+        raise failure from exc
+    except BaseException as exc:
+        run.stop(done, ok=False, message=f"The follower stopped: {exc}"[:500])
+        raise
     finally:
         # A connection that is gone took its lock and its LISTEN with it.
         with suppress(DatabaseError), connection.cursor() as cursor:
             cursor.execute(f"UNLISTEN {CHANNEL}")
             cursor.execute("SELECT pg_advisory_unlock(%s)", [FOLLOW_KEY])
     done.stopped_by = getattr(stop, "signal_name", "") or "asked"
-    record(models, using, ok=True, message=summary_line(done))
+    run.stop(done, ok=True, message=summary_line(done))
     return done
 
 
@@ -248,7 +251,11 @@ def carry(sync_once, stop, connection, own_pid, heartbeat, models, using, alive_
         if not woken and time.monotonic() - waited >= heartbeat:
             # Rows left in the log: a refused sync, or users kept pending, tried again (their
             # cause may have passed with no legacy write). Cheap: it reads only those users.
-            woken = newest_log_id(models, using) is not None
+            # With a capture trigger missing or disabled, writes are neither logged nor
+            # notified: each heartbeat then compares every user, as `copy_users` does.
+            woken = newest_log_id(models, using) is not None or bool(
+                changecapture.missing(connection)
+            )
             waited = time.monotonic()
         if woken:
             sync_once()
@@ -319,12 +326,148 @@ def readonly_now(models, using) -> bool:
     return readonly.is_read_only(models.legacy, using)
 
 
-def record(models, using, *, ok, message):
-    """One OperationLog row per refusal (when it changes) and one when the follower stops;
-    the syncs themselves are not logged one by one (there can be several a second)."""
-    if models.log is None:
-        return
-    with suppress(DatabaseError):  # the database is gone: the message is on stderr
-        models.log.objects.using(using).create(
-            kind="copy", ok=ok, started_at=timezone.now(), summary={}, message=message
+def running_line(done: Followed, result: CopyResult) -> str:
+    return (
+        f"Follower running: {done.syncs} syncs, inserted {done.copied}, updated {done.updated}, "
+        f"deleted {done.deleted} users"
+        + (
+            f"; {result.rejected_total} rejected rows stay ({result.reasons()})"
+            if result.rejected_total
+            else ""
         )
+        + "."
+    )
+
+
+class Run:
+    """The follower's one OperationLog row (kind 'copy'), for the status page. Made at its
+    first sync that wrote or refused, saved again when a sync writes, refuses or recovers and
+    when the follower stops, not at every sync (there can be several a second):
+
+    - `finished_at`: when the row last changed; `summary["applied_at"]`: the last sync that
+      wrote (the page's "last change applied");
+    - `ok` and `message`: the last sync's outcome (a refusal, until a sync succeeds again);
+    - `summary`: the run's totals, and the last sync's rejected rows by reason and report
+      (the page's chart); `follower`: 'running' or 'stopped' (the page believes 'running'
+      only while a backend holds the follower's lock: a killed follower cannot say so)."""
+
+    def __init__(self, models, using):
+        self.models, self.using = models, using
+        self.row = None
+        self.ok, self.message = True, ""
+        self.rejected = 0  # the last sync's rejected rows
+        self.summary = {"follower": "running"}
+
+    def save(
+        self, done: Followed, *, ok, message, result: CopyResult | None = None, reconnect=False
+    ):
+        log = self.models.log
+        if log is None:
+            return
+        now = timezone.now()
+        self.ok, self.message = ok, message
+        self.summary.update(
+            syncs=done.syncs, copied=done.copied, updated=done.updated, deleted=done.deleted,
+            refused=done.refused,
+        )  # fmt: skip
+        if result is not None:
+            self.rejected = result.rejected_total
+            self.summary.update(
+                rejected=result.rejected_total,
+                rejected_by_reason=dict(sorted(result.rejected.items())),
+                report=result.report.name if result.report else None,
+            )
+            if ok and result.written:  # a refused sync's counts were rolled back
+                self.summary["applied_at"] = now.isoformat()
+        for attempt in (1, 2):
+            try:
+                if self.row is None:
+                    self.row = log.objects.using(self.using).create(
+                        kind="copy", ok=ok, started_at=now, finished_at=now,
+                        summary=self.summary, message=message,
+                    )  # fmt: skip
+                else:
+                    log.objects.using(self.using).filter(pk=self.row.pk).update(
+                        ok=ok, finished_at=now, summary=self.summary, message=message
+                    )
+                return
+            except DatabaseError:
+                if not reconnect or attempt == 2:
+                    return  # the database is gone: the message is on stderr
+                # The follower's connection died (its lock and LISTEN with it): say how it
+                # ended on a new one, if the database answers.
+                connections[self.using].close()
+
+    def stop(self, done: Followed, *, ok, message):
+        if self.row is None and ok:
+            return  # it wrote nothing and refused nothing: nothing to show
+        if ok and not self.ok:  # it stopped while its syncs refused: that still stands
+            ok, message = False, f"{message} Its last sync refused: {self.message}"
+        self.summary["follower"] = "stopped"
+        self.save(done, ok=ok, message=message, reconnect=not ok)
+
+
+def follower_pid(cursor) -> int | None:
+    """The backend holding the follower's lock in this database (a bigint advisory key is
+    classid 0, objid the key, objsubid 1), or None."""
+    cursor.execute(
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND classid = 0 AND objid = %s "
+        "AND objsubid = 1 AND granted AND database = (SELECT oid FROM pg_database "
+        "WHERE datname = current_database()) LIMIT 1",
+        [FOLLOW_KEY],
+    )
+    row = cursor.fetchone()
+    return row[0] if row else None
+
+
+@dataclass
+class LogState:
+    """The change log at a glance (the status page). `capture`: 'on', or why not; the counts
+    are None when they mean nothing (no capture: writes are not logged, so nothing waits)."""
+
+    capture: str
+    waiting: int | None = None  # legacy log rows not applied yet (not the 'pending' ones)
+    full: bool = False  # a 'full' row waits: the next sync compares every user
+    lag: float | None = None  # seconds since the oldest waiting row was written
+    pending: int | None = None  # rejected users kept in the log (`--skip-invalid`)
+    new_side: int | None = None  # users NewUser's log holds since the cut-over
+    follower_pid: int | None = None
+    unknown: bool = False  # writes may be waiting, but the log cannot say (capture off)
+
+
+def log_state(models, using: str = "default") -> LogState:
+    connection = connections[using]
+    if connection.vendor != "postgresql":
+        return LogState("none on SQLite: each sync compares every user")
+    table = models.changes._meta.db_table
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT to_regclass(%s) IS NOT NULL", [connection.ops.quote_name(table)])
+        if not cursor.fetchone()[0]:
+            return LogState("not installed yet: run `python manage.py migrate`")
+        pid = follower_pid(cursor)
+        if readonly.is_read_only(models.legacy, using):
+            cursor.execute(f"SELECT COUNT(*) FROM {table} WHERE side = 'new' AND op <> 'full'")
+            return LogState(
+                "suspended: cut over, the legacy table is read-only",
+                new_side=cursor.fetchone()[0],
+                follower_pid=pid,
+            )
+        missing = changecapture.missing(connection)
+        if missing:
+            return LogState(
+                f"off: {', '.join(missing[:3])} missing or disabled (run `python manage.py "
+                "migrate`); each sync compares every user",
+                follower_pid=pid,
+                unknown=True,
+            )
+        cursor.execute(
+            "SELECT COUNT(*) FILTER (WHERE op <> 'pending'), COALESCE(bool_or(op = 'full'), "
+            "false), EXTRACT(EPOCH FROM now() - MIN(at) FILTER (WHERE op <> 'pending')), "
+            f"COUNT(DISTINCT user_id) FILTER (WHERE op = 'pending') FROM {table} "
+            "WHERE side = 'legacy'"
+        )
+        waiting, full, lag, pending = cursor.fetchone()
+    return LogState(
+        "on", waiting=waiting, full=full, lag=float(lag) if lag is not None else None,
+        pending=pending, follower_pid=pid,
+    )  # fmt: skip

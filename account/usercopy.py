@@ -325,6 +325,7 @@ def copy_users(
                 transaction.set_rollback(True, using=alias)
     except CopyError as exc:
         sync.log(ok=False, message=str(exc))
+        exc.result = sync.result  # what it found (rejected rows by reason), for the follower
         raise
     except DatabaseError as exc:
         message = (

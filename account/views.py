@@ -1,6 +1,7 @@
 """The few pages of the demo: home, the signed-in user's account, status and health."""
 
 import logging
+from datetime import datetime
 
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
@@ -10,7 +11,8 @@ from django.http import JsonResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.cache import never_cache
 
-from .cutover import last_cutover
+from .cutover import MODELS, last_cutover
+from .follower import LogState, log_state
 from .models import NewUser, OperationLog, Profile, User
 
 logger = logging.getLogger(__name__)
@@ -28,6 +30,8 @@ NOT_CHANGES = frozenset(
         "legacy_total",
         "password_algorithms",
         "conflicts",
+        "syncs",  # a follower's run (account.follower.Run): its syncs and refusals count
+        "refused",  # nothing by themselves
     }
 )
 
@@ -66,6 +70,37 @@ def last_copy_that_did_something() -> OperationLog | None:
     """The newest copy that failed or changed something, skipping no-op re-syncs."""
     copies = OperationLog.objects.filter(kind=OperationLog.Kind.COPY).order_by("-finished_at")
     return next((log for log in copies.iterator(chunk_size=100) if did_something(log)), None)
+
+
+def applied_at(log: OperationLog):
+    """When `log`'s run last applied a change: a follower's run says so in its summary (its
+    row is also saved when a sync refuses); any other copy, when it finished, if it wrote."""
+    if "follower" in log.summary:
+        at = log.summary.get("applied_at")
+        return datetime.fromisoformat(at) if at else None
+    return log.finished_at if log.ok and did_something(log) else None
+
+
+def last_change_applied():
+    """When a sync last wrote to NewUser (the newest `applied_at` among the copies)."""
+    copies = OperationLog.objects.filter(kind=OperationLog.Kind.COPY).order_by("-finished_at")
+    newest = None
+    for log in copies.iterator(chunk_size=100):
+        if newest is not None and log.finished_at <= newest:
+            break  # no older row applied anything later
+        at = applied_at(log)
+        if at is not None and (newest is None or at > newest):
+            newest = at
+    return newest
+
+
+def change_log():
+    """`log_state`, or a line saying why it cannot be read (the page still renders)."""
+    try:
+        return log_state(MODELS)
+    except DatabaseError as exc:
+        logger.exception("Status page: the change log could not be read")
+        return LogState(f"unknown: the database refused ({type(exc).__name__})", unknown=True)
 
 
 def rejection_chart(rejected_by_reason: dict[str, int]) -> dict | None:
@@ -119,6 +154,8 @@ def status(request):
             last_backup=OperationLog.objects.filter(kind=OperationLog.Kind.BACKUP).first(),
             auth_user_model=settings.AUTH_USER_MODEL,
             last_cutover=last_cutover(),
+            last_applied=last_change_applied(),
+            log=change_log(),
         )
     return render(request, "account/status.html", context)
 

@@ -14,7 +14,12 @@ after loading, as a live database has long been vacuumed):
   - re-syncs (`copy_users`): with nothing changed, then with 1% of the legacy users changed
     (password, email, flags, name) and 0.1% deleted; the simplest alternative is copying
     everything again, so the full copy is their baseline;
-  - the way back, `migrate account 0001`.
+  - the way back, `migrate account 0001`;
+  - then, on N only: `migrate` to the end (the copy again, and the change capture triggers),
+    and the log-driven re-syncs beside the full compare (`copy_users --full`), in this
+    process so that no interpreter start-up is counted: nothing changed, then 1% changed and
+    0.1% deleted, each the median of 3 runs (bench/bench_changelog.py, which also measures
+    the writers' cost).
 N against N/10 shows how time and memory grow with the table (goal: time at most 11x for ten
 times the users, peak RSS the same within 10%). The SQL baselines are the same copy as plain SQL
 (INSERT ... SELECT for users, profiles and group links, plus the count checks), once into the
@@ -191,6 +196,24 @@ def main() -> None:
     print(f"  {[line.strip() for line in resync_1.output.splitlines()][:2]}")
     summary = [line.strip() for line in copy.output.splitlines() if "insert" in line]
     print(f"  {summary[0] if summary else ''}")
+    change_log(n)
+
+
+def change_log(n: int) -> None:
+    """The log-driven re-syncs beside the full compare, on the database of N users."""
+    from bench_changelog import median, resyncs
+    from django.db import connections
+
+    connections.close_all()
+    manage(f"@{n} migrate to the end (copy again, capture triggers)", "migrate", "-v0")
+    print(f"  change log, {n:,} users (copy_users in process, median of 3 runs):")
+    syncs = resyncs(3)
+    for what in ("nothing", "1%"):
+        log, full = median(syncs[f"{what}, log"]), median(syncs[f"{what}, full"])
+        print(
+            f"    {what} changed: {log * 1000:.0f} ms from the log against {full * 1000:.0f} ms "
+            f"for the full compare ({full / log:.1f}x)"
+        )
 
 
 if __name__ == "__main__":

@@ -260,6 +260,8 @@ def test_a_follower_whose_connection_is_killed_stops_in_one_line(deploy):
     new follower can start."""
     proc, _ = start_follower(deploy)
     try:
+        deploy.sql("UPDATE account_user SET full_name = 'Before' WHERE username = 'bob'")
+        assert wait_for(lambda: len(follower_rows(deploy)) == 1)
         (pid,) = deploy.sql(
             "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objid = 727002 "
             "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
@@ -270,6 +272,9 @@ def test_a_follower_whose_connection_is_killed_stops_in_one_line(deploy):
         proc.kill()
     assert proc.returncode == 1, out
     assert "Traceback" not in out and "copy_users: error:" in out, out
+    ((ok, summary, message),) = follower_rows(deploy)  # its run row says how it ended
+    assert not ok and summary["follower"] == "stopped", summary
+    assert "database connection" in message and "start it again" in message, message
     again, _ = start_follower(deploy)
     stop(again)
 
@@ -296,3 +301,70 @@ def test_a_refusal_whose_cause_passes_without_a_legacy_write_is_retried(deploy):
     finally:
         proc.kill()
     assert "Traceback" not in out, out
+
+
+FOLLOWER_ROWS = "SELECT ok, summary, message FROM account_operationlog WHERE summary ? 'follower'"
+
+
+def follower_rows(deploy):
+    return deploy.sql(FOLLOWER_ROWS + " ORDER BY id")
+
+
+@postgresql_only
+def test_a_follower_keeps_one_operation_log_row_with_its_last_sync(deploy):
+    """The status page reads the follower's run from one OperationLog row: its totals, the
+    last change applied, the last sync's refusal and rejected rows; saved when it stops."""
+    proc, _ = start_follower(deploy)
+    try:
+        assert follower_rows(deploy) == []  # nothing written yet: nothing to show
+        deploy.sql("UPDATE account_user SET full_name = 'Row One' WHERE username = 'bob'")
+        assert wait_for(lambda: len(follower_rows(deploy)) == 1)
+        ((ok, summary, message),) = follower_rows(deploy)
+        assert ok and summary["follower"] == "running" and summary["updated"] == 1, summary
+        applied = summary["applied_at"]
+        with deploy.connect() as conn, conn.transaction():  # a refused sync's writes are undone
+            conn.execute("UPDATE account_user SET email = 'not-an-email' WHERE username = 'bob'")
+            conn.execute("UPDATE account_user SET full_name = 'Not Yet' WHERE username = 'alice'")
+        assert wait_for(lambda: not follower_rows(deploy)[0][0])
+        ((ok, summary, message),) = follower_rows(deploy)
+        assert "email_invalid" in message and summary["applied_at"] == applied
+        assert summary["rejected_by_reason"] == {"email_invalid": 1}, summary
+        deploy.sql("UPDATE account_user SET email = 'bob@example.com' WHERE username = 'bob'")
+        assert wait_for(lambda: follower_rows(deploy)[0][0])  # recovered (alice applied)
+        ((ok, summary, message),) = follower_rows(deploy)
+        assert summary["applied_at"] > applied and summary["rejected"] == 0, summary
+        applied = summary["applied_at"]
+        deploy.sql("UPDATE account_user SET email = 'not-an-email' WHERE username = 'bob'")
+        assert wait_for(lambda: not follower_rows(deploy)[0][0])
+        deploy.sql("UPDATE account_user SET email = 'bob@example.com' WHERE username = 'bob'")
+        # Recovered with nothing to write (bob is back as NewUser has him): ok again, and the
+        # last change applied is still the one before.
+        assert wait_for(lambda: follower_rows(deploy)[0][0])
+        ((ok, summary, message),) = follower_rows(deploy)
+        assert summary["applied_at"] == applied, summary
+        assert message.startswith("Follower running: ")
+        stop(proc)
+    finally:
+        proc.kill()
+    ((ok, summary, message),) = follower_rows(deploy)
+    assert ok and summary["follower"] == "stopped" and message.startswith("Follower stopped")
+
+
+@postgresql_only
+def test_a_follower_carries_writes_while_a_capture_trigger_is_disabled(deploy):
+    """A disabled capture trigger logs nothing and notifies nobody: the follower's heartbeat
+    then compares every user, so the write is still carried."""
+    proc, _ = start_follower(deploy)
+    try:
+        deploy.sql("ALTER TABLE account_user DISABLE TRIGGER account_user_capture_update")
+        deploy.sql("UPDATE account_user SET full_name = 'Unlogged' WHERE username = 'bob'")
+        assert wait_for(
+            lambda: (
+                deploy.one("SELECT full_name FROM account_newuser WHERE username = 'bob'")
+                == "Unlogged"
+            )
+        ), "a write made while capture was off was not carried"
+        stop(proc)
+    finally:
+        proc.kill()
+        deploy.sql("ALTER TABLE account_user ENABLE TRIGGER account_user_capture_update")

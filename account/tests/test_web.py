@@ -14,6 +14,7 @@ from django.views.debug import technical_500_response
 
 from account import views
 from account.models import NewUser, OperationLog, User
+from account.tests.test_cutover import postgresql_only, sqlite_only
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -91,6 +92,7 @@ def test_status_tells_visitors_who_are_not_staff_only_that_the_app_is_up(
         assert log.message not in page
         assert not log.summary.get("report") or log.summary["report"] not in page
     assert "legacy-count" not in page and "<svg" not in page and "rejected" not in page
+    assert "change-log" not in page and "follower" not in page.lower()
     for username, email in User.objects.values_list("username", "email"):
         assert username not in page
         assert not email.strip() or email.strip() not in page
@@ -161,6 +163,138 @@ def test_status_says_so_when_every_copy_was_a_no_op(client):
     page = staff_client(client).get("/status/").content.decode()
     assert "re-sync, nothing new" not in page
     assert "No copy has changed anything yet" in page
+
+
+def cell(page: str, id: str) -> str | None:
+    match = re.search(rf'<td id="{id}">(.*?)</td>', page, re.DOTALL)
+    return match.group(1) if match else None
+
+
+def changes(*rows):
+    """Replace the change log by `rows`: (side, user id, op, seconds ago)."""
+    from account.models import ChangeLog
+
+    ChangeLog.objects.all().delete()
+    now = timezone.now()
+    for side, user_id, op, ago in rows:
+        ChangeLog.objects.create(
+            side=side, user_id=user_id, op=op, at=now - timezone.timedelta(seconds=ago)
+        )
+
+
+@postgresql_only
+def test_status_shows_the_change_log_at_a_glance(client):
+    from account import readonly
+
+    staff = staff_client(client)
+    changes(("legacy", 4, "update", 90), ("legacy", 4, "links", 30), ("legacy", 5, "insert", 1),
+            ("legacy", 6, "pending", 500), ("legacy", 7, "pending", 400),
+            ("new", 8, "update", 1))  # fmt: skip
+    page = staff.get("/status/").content.decode()
+    assert cell(page, "log-capture") == "on"
+    assert cell(page, "log-depth") == "3"  # the rows waiting, not the rejected users kept
+    assert 89 <= float(cell(page, "log-lag").removesuffix(" s")) <= 95  # the oldest waiting
+    assert cell(page, "log-kept") == "2"
+    assert cell(page, "follower") == "not running"
+    assert cell(page, "log-new-side") is None  # not cut over
+    changes(("legacy", 6, "pending", 500), ("legacy", 0, "full", 2))
+    page = staff.get("/status/").content.decode()
+    assert cell(page, "log-depth").startswith("1 (one asks the next sync to compare every user")
+    assert 1 <= float(cell(page, "log-lag").removesuffix(" s")) <= 8
+    changes(("legacy", 6, "pending", 500))
+    assert cell(staff.get("/status/").content.decode(), "log-lag") == "none waiting"
+
+    with connection.cursor() as cursor:  # rolled back with the test's transaction
+        cursor.execute("ALTER TABLE account_user DISABLE TRIGGER account_user_capture_update")
+    page = staff.get("/status/").content.decode()
+    assert cell(page, "log-capture").startswith("off: account_user_capture_update missing")
+    assert cell(page, "log-depth") == "unknown" and cell(page, "log-lag") is None
+
+    readonly.make_read_only(User, "default", "cut over")
+    changes(("new", 8, "update", 1), ("new", 9, "insert", 1), ("new", 0, "full", 1))
+    page = staff.get("/status/").content.decode()
+    assert cell(page, "log-capture").startswith("suspended: cut over")
+    assert cell(page, "log-new-side") == "2"  # users, not the DDL watch's 'full' row
+    assert cell(page, "log-depth") is None
+
+
+@sqlite_only
+def test_status_says_there_is_no_change_log_on_sqlite(client):
+    page = staff_client(client).get("/status/").content.decode()
+    assert cell(page, "log-capture").startswith("none on SQLite")
+    assert cell(page, "log-depth") is None and cell(page, "follower") == "not running"
+
+
+def test_status_page_renders_when_the_change_log_cannot_be_read(client, monkeypatch, caplog):
+    from django.db import DatabaseError
+
+    def refuse(*args, **kwargs):
+        raise DatabaseError("relation does not exist")
+
+    monkeypatch.setattr(views, "log_state", refuse)
+    page = staff_client(client).get("/status/").content.decode()
+    assert cell(page, "log-capture") == "unknown: the database refused (DatabaseError)"
+    assert cell(page, "log-depth") == "unknown"
+
+
+def at(days_ago):
+    return timezone.now() - timezone.timedelta(days=days_ago)
+
+
+def test_status_last_change_applied_skips_failed_and_no_op_copies(client):
+    def logged(days_ago, message, ok=True, **summary):
+        log = copy_log(message, ok=ok, **summary)
+        OperationLog.objects.filter(pk=log.pk).update(finished_at=at(days_ago))
+
+    logged(9, "copied", copied=3)
+    logged(8, "a follower", follower="stopped", syncs=4, copied=2,
+           applied_at=at(7).isoformat())  # fmt: skip
+    logged(6, "refused", ok=False, copied=0)
+    logged(5, "no-op", copied=0, pending=3, rejected=3)
+    # A follower saved later (it refused) than its last change applied: that one counts.
+    logged(1, "follower refusing", ok=False, follower="running", syncs=9, copied=0,
+           applied_at=at(4).isoformat())  # fmt: skip
+    newest = views.last_change_applied()
+    assert abs((newest - at(4)).total_seconds()) < 60
+    page = staff_client(client).get("/status/").content.decode()
+    assert cell(page, "last-applied") not in (None, "none yet")
+    OperationLog.objects.filter(message="follower refusing").delete()
+    assert abs((views.last_change_applied() - at(7)).total_seconds()) < 60
+    # A follower saved last whose change applied is older than a copy's that finished before.
+    logged(0.5, "old follower stopping", follower="stopped", syncs=1, copied=1,
+           applied_at=at(20).isoformat())  # fmt: skip
+    assert abs((views.last_change_applied() - at(7)).total_seconds()) < 60
+
+
+def test_status_last_change_applied_says_none_yet(client):
+    copy_log("no-op", copied=0, pending=0)
+    assert views.last_change_applied() is None
+    assert cell(staff_client(client).get("/status/").content.decode(), "last-applied") == "none yet"
+
+
+@postgresql_only
+def test_status_says_whether_a_follower_is_running():
+    """Only the follower's own lock counts: in this database, the one-bigint key."""
+    import psycopg
+
+    from account.follower import FOLLOW_KEY
+
+    client = staff_client(Client())
+    db = connection.settings_dict
+    dsn = dict(host=db["HOST"] or "127.0.0.1", port=db["PORT"] or 5432, user=db["USER"])
+    with (
+        psycopg.connect(**dsn, dbname="postgres", autocommit=True) as other_db,
+        psycopg.connect(**dsn, dbname=db["NAME"], autocommit=True) as same_db,
+    ):
+        other_db.execute("SELECT pg_advisory_lock(%s)", [FOLLOW_KEY])
+        same_db.execute("SELECT pg_advisory_lock(0, %s)", [FOLLOW_KEY])  # two-int key: objsubid 2
+        assert cell(client.get("/status/").content.decode(), "follower") == "not running"
+        same_db.execute("SELECT pg_advisory_lock(%s)", [FOLLOW_KEY])
+        pid = same_db.info.backend_pid
+        page = client.get("/status/").content.decode()
+        assert cell(page, "follower") == f"running (database backend pid {pid})"
+        same_db.execute("SELECT pg_advisory_unlock_all()")
+        assert cell(client.get("/status/").content.decode(), "follower") == "not running"
 
 
 @pytest.mark.parametrize(
