@@ -15,7 +15,11 @@ and a statement trigger on the log sends a `NOTIFY` on `CHANNEL` when the writer
    hint: one sent while the connection was being re-made, or by this follower's own
    'pending' rows, which it ignores, is not needed for correctness). This is also how a
    refused sync is tried again: what made it refuse can pass without a legacy write (another
-   sync finished, a row referencing a deleted user was removed, the database came back);
+   sync finished, a row referencing a deleted user was removed). With a capture trigger on
+   the legacy tables missing or disabled, writes are neither logged nor notified: each
+   heartbeat then compares every user. A heartbeat whose sync compared every user and
+   changed nothing doubles the wait before the next one (up to 12 heartbeats); a note from a
+   writer, or a sync that wrote, resets it;
 5. on SIGTERM or SIGINT (Ctrl-C) finishes the sync in hand and returns.
 
 A sync that refuses (a rejected row under the default policy, a conflict, another sync
@@ -63,7 +67,7 @@ class FollowError(CopyError):
 
 
 class CutOver(Exception):
-    """The legacy table became read-only: the follower's work is over."""
+    """Nothing to follow any more (cut over, or migrated back): `idle_reason` says why."""
 
 
 @contextmanager
@@ -130,7 +134,8 @@ def follow(
         cursor.execute(f"LISTEN {CHANNEL}")
         cursor.execute("SELECT pg_backend_pid()")
         own_pid = cursor.fetchone()[0]
-    run = Run(models, using)
+    run = Run(models, using, every=heartbeat)
+    run.close_dead_runs()
     last_refusal = None
     announced = None  # the report a refusal named: kept while the refusal stands
     # Its reports apart (one folder per database: followers of other databases clean up
@@ -165,29 +170,34 @@ def follow(
             if readonly_now(models, using):
                 raise CutOver from None
             done.refused += 1
+            found = getattr(exc, "result", None)
             # Once, not once per write: the same refusal names a new report each time.
             if REPORT.sub("", str(exc)) != last_refusal:
                 last_refusal = REPORT.sub("", str(exc))
                 named = REPORT.search(str(exc))
                 announced = Path(named.group()) if named else None
-                run.save(done, ok=False, message=str(exc), result=getattr(exc, "result", None))
+                run.save(done, ok=False, message=str(exc), result=found)
                 if on_refused:
                     on_refused(str(exc))
             keep_newest(reports, keep=announced)
-            return
+            return compared_every_user(found)
         same_connection()
         recovered = last_refusal is not None
         announced = None
-        keep_newest(reports)
         last_refusal = None
         done.syncs += 1
         done.copied += result.copied
         done.updated += result.updated
         done.deleted += result.deleted
         if result.written or recovered or run.rejected != result.rejected_total:
-            run.save(done, ok=True, message=running_line(done, result), result=result)
+            run.save(
+                done, ok=True, message=running_line(done, result), result=result,
+                urgent=recovered or run.rejected != result.rejected_total,
+            )  # fmt: skip
+        keep_newest(reports, keep=run.report(reports))  # and the one the status page names
         if on_sync:
             on_sync(result)
+        return compared_every_user(result) and not result.written
 
     try:
         with stop_on_signals(stop):
@@ -209,7 +219,7 @@ def follow(
                     started = True
                     carry(
                         sync_once, stop, connection, own_pid, heartbeat, models, using,
-                        alive_file,
+                        alive_file, run,
                     )  # fmt: skip
                 except CutOver:
                     continue  # idle_reason says so, once
@@ -221,8 +231,8 @@ def follow(
         )
         run.stop(done, ok=False, message=str(failure))
         raise failure from exc
-    except BaseException as exc:
-        run.stop(done, ok=False, message=f"The follower stopped: {exc}"[:500])
+    except BaseException as exc:  # a bug, or FollowError: the run row says it stopped
+        run.stop(done, ok=False, message=f"The follower stopped: {exc}"[:2000])
         raise
     finally:
         # A connection that is gone took its lock and its LISTEN with it.
@@ -234,12 +244,14 @@ def follow(
     return done
 
 
-def carry(sync_once, stop, connection, own_pid, heartbeat, models, using, alive_file):
-    """Sync at each notification (or heartbeat with a non-empty log) until `stop`. Every
-    note waiting is read before one sync: a sync carries all that committed before it."""
+def carry(sync_once, stop, connection, own_pid, heartbeat, models, using, alive_file, run):
+    """Sync at each notification (or heartbeat with work left) until `stop`. Every note
+    waiting is read before one sync: a sync carries all that committed before it."""
     waited = time.monotonic()
+    slow = 0  # heartbeats in a row whose sync compared every user and changed nothing
     while not stop.is_set():
         touch(alive_file)
+        run.flush()
         # Short waits, so a stop request is seen within half a second. A note sent by this
         # follower's own sync (the 'pending' rows it logs again) wakes nobody. Closed at
         # once: the generator holds the connection's lock until it ends.
@@ -248,18 +260,33 @@ def carry(sync_once, stop, connection, own_pid, heartbeat, models, using, alive_
         woken = drain(connection, own_pid) or woken
         if stop.is_set():
             return
-        if not woken and time.monotonic() - waited >= heartbeat:
-            # Rows left in the log: a refused sync, or users kept pending, tried again (their
-            # cause may have passed with no legacy write). Cheap: it reads only those users.
-            # With a capture trigger missing or disabled, writes are neither logged nor
-            # notified: each heartbeat then compares every user, as `copy_users` does.
-            woken = newest_log_id(models, using) is not None or bool(
-                changecapture.missing(connection)
-            )
+        beat = False
+        if not woken and time.monotonic() - waited >= heartbeat * min(2**slow, 12):
+            woken = beat = work_left(models, using)
             waited = time.monotonic()
         if woken:
-            sync_once()
+            idle_full_compare = sync_once()
+            slow = slow + 1 if beat and idle_full_compare else 0
             waited = time.monotonic()
+
+
+def work_left(models, using) -> bool:
+    """Rows left in the log (a refused sync, users kept pending: tried again, their cause may
+    have passed with no legacy write; cheap, it reads only those users), or a capture trigger
+    on the legacy tables missing (writes are not logged: the sync compares every user)."""
+    connection = connections[using]
+    try:
+        return newest_log_id(models, using) is not None or bool(
+            changecapture.missing(connection, changecapture.USER_TABLES)
+        )
+    except DatabaseError:
+        if idle_reason(models, using):  # migrated back: the log is gone
+            raise CutOver from None
+        raise
+
+
+def compared_every_user(result: CopyResult | None) -> bool:
+    return result is not None and result.source == "full" and bool(result.source_reason)
 
 
 def idle_reason(models, using) -> str:
@@ -341,30 +368,46 @@ def running_line(done: Followed, result: CopyResult) -> str:
 
 class Run:
     """The follower's one OperationLog row (kind 'copy'), for the status page. Made at its
-    first sync that wrote or refused, saved again when a sync writes, refuses or recovers and
-    when the follower stops, not at every sync (there can be several a second):
+    first sync that wrote or refused. Saved again at once when a sync refuses or recovers, or
+    its rejected rows change, and when the follower stops; a sync that only wrote is saved at
+    most once every `every` seconds (`flush`), not at every sync (there can be several a
+    second):
 
-    - `finished_at`: when the row last changed; `summary["applied_at"]`: the last sync that
-      wrote (the page's "last change applied");
+    - `finished_at`: the last write, refusal or recovery (not a clean stop: the row would rise
+      above a newer copy's on the page); `summary["applied_at"]`: the last sync that wrote
+      (the page's "last change applied");
     - `ok` and `message`: the last sync's outcome (a refusal, until a sync succeeds again);
     - `summary`: the run's totals, and the last sync's rejected rows by reason and report
-      (the page's chart); `follower`: 'running' or 'stopped' (the page believes 'running'
-      only while a backend holds the follower's lock: a killed follower cannot say so)."""
+      (the page's chart; that report is kept); `follower`: 'running' or 'stopped'. A killed
+      follower cannot say so: the next one to start marks its row stopped, and the page
+      believes 'running' only while a backend holds the follower's lock."""
 
-    def __init__(self, models, using):
+    def __init__(self, models, using, every: float = 5.0):
         self.models, self.using = models, using
+        self.every = every  # a sync that only wrote saves the row at most this often
+        self.saved = 0.0  # time.monotonic() of the last save
+        self.dirty = None  # a save held back (`flush`)
         self.row = None
         self.ok, self.message = True, ""
         self.rejected = 0  # the last sync's rejected rows
         self.summary = {"follower": "running"}
 
     def save(
-        self, done: Followed, *, ok, message, result: CopyResult | None = None, reconnect=False
+        self,
+        done: Followed,
+        *,
+        ok,
+        message,
+        result: CopyResult | None = None,
+        urgent: bool = True,
+        reconnect: bool = False,
+        bump: bool = True,
     ):
         log = self.models.log
         if log is None:
             return
         now = timezone.now()
+        held_back = not urgent and ok and self.ok and self.row is not None
         self.ok, self.message = ok, message
         self.summary.update(
             syncs=done.syncs, copied=done.copied, updated=done.updated, deleted=done.deleted,
@@ -379,16 +422,33 @@ class Run:
             )
             if ok and result.written:  # a refused sync's counts were rolled back
                 self.summary["applied_at"] = now.isoformat()
+        if held_back and time.monotonic() - self.saved < self.every:
+            self.dirty = now  # only writes since the last save: `flush` saves them
+            return
+        self.write(now if bump else None, reconnect)
+
+    def flush(self):
+        """Save what `save` held back, once `every` seconds have passed since the last save."""
+        if self.dirty is not None and time.monotonic() - self.saved >= self.every:
+            self.write(self.dirty, reconnect=False)
+
+    def write(self, now, reconnect):
+        """`now`: the row's new finished_at (None: kept, as when a follower that is fine stops,
+        so its row does not rise above a newer copy's on the status page)."""
+        log, ok, message = self.models.log, self.ok, self.message
+        changed = {"finished_at": now} if now is not None else {}
+        self.dirty, self.saved = None, time.monotonic()
         for attempt in (1, 2):
             try:
                 if self.row is None:
+                    now = now or timezone.now()
                     self.row = log.objects.using(self.using).create(
                         kind="copy", ok=ok, started_at=now, finished_at=now,
                         summary=self.summary, message=message,
                     )  # fmt: skip
                 else:
                     log.objects.using(self.using).filter(pk=self.row.pk).update(
-                        ok=ok, finished_at=now, summary=self.summary, message=message
+                        ok=ok, summary=self.summary, message=message, **changed
                     )
                 return
             except DatabaseError:
@@ -404,7 +464,25 @@ class Run:
         if ok and not self.ok:  # it stopped while its syncs refused: that still stands
             ok, message = False, f"{message} Its last sync refused: {self.message}"
         self.summary["follower"] = "stopped"
-        self.save(done, ok=ok, message=message, reconnect=not ok)
+        self.save(done, ok=ok, message=message, reconnect=not ok, bump=not ok)
+
+    def report(self, reports: Path) -> Path | None:
+        """The report the row names (kept while it does)."""
+        name = self.summary.get("report")
+        return reports / name if name else None
+
+    def close_dead_runs(self):
+        """Rows still 'running' belong to followers that died without a word (kill -9, the
+        host lost): this follower holds the lock, so no other runs. Say so on them."""
+        log = self.models.log
+        if log is None:
+            return
+        dead = log.objects.using(self.using).filter(kind="copy", summary__follower="running")
+        for row in dead:
+            row.summary["follower"] = "stopped"
+            row.ok = False
+            row.message = f"Stopped without a word (killed?). Its last state: {row.message}"
+            row.save(update_fields=["summary", "ok", "message"])
 
 
 def follower_pid(cursor) -> int | None:
@@ -426,12 +504,13 @@ class LogState:
     are None when they mean nothing (no capture: writes are not logged, so nothing waits)."""
 
     capture: str
-    waiting: int | None = None  # legacy log rows not applied yet (not the 'pending' ones)
+    waiting: int | None = None  # legacy writes logged, not applied yet (no 'pending', 'full')
     full: bool = False  # a 'full' row waits: the next sync compares every user
-    lag: float | None = None  # seconds since the oldest waiting row was written
-    pending: int | None = None  # rejected users kept in the log (`--skip-invalid`)
+    lag: float | None = None  # seconds since the oldest waiting row (or 'full') was logged
+    pending: int | None = None  # users kept in the log: rejected (`--skip-invalid`), conflicts
     new_side: int | None = None  # users NewUser's log holds since the cut-over
     follower_pid: int | None = None
+    follower_activity: str = ""  # what its backend does: "idle for 2 s", "active for 40 s"
     unknown: bool = False  # writes may be waiting, but the log cannot say (capture off)
 
 
@@ -445,29 +524,51 @@ def log_state(models, using: str = "default") -> LogState:
         if not cursor.fetchone()[0]:
             return LogState("not installed yet: run `python manage.py migrate`")
         pid = follower_pid(cursor)
+        activity = ""
+        if pid:  # a follower blocked (on a row lock, say) shows as active for long
+            cursor.execute(
+                "SELECT state, EXTRACT(EPOCH FROM now() - state_change) FROM pg_stat_activity "
+                "WHERE pid = %s",
+                [pid],
+            )
+            row = cursor.fetchone()
+            if row and row[1] is not None:
+                activity = f"{row[0]} for {float(row[1]):.0f} s"
         if readonly.is_read_only(models.legacy, using):
             cursor.execute(f"SELECT COUNT(*) FROM {table} WHERE side = 'new' AND op <> 'full'")
             return LogState(
                 "suspended: cut over, the legacy table is read-only",
                 new_side=cursor.fetchone()[0],
                 follower_pid=pid,
+                follower_activity=activity,
             )
-        missing = changecapture.missing(connection)
+        tables = sorted({table for _, table, _ in changecapture.triggers()})
+        missing = changecapture.missing(connection, tables)
         if missing:
             return LogState(
                 f"off: {', '.join(missing[:3])} missing or disabled (run `python manage.py "
                 "migrate`); each sync compares every user",
                 follower_pid=pid,
+                follower_activity=activity,
                 unknown=True,
             )
+        unwatched = changecapture.ddl_watch_missing(connection)
         cursor.execute(
-            "SELECT COUNT(*) FILTER (WHERE op <> 'pending'), COALESCE(bool_or(op = 'full'), "
+            "SELECT COUNT(*) FILTER (WHERE op NOT IN ('pending', 'full')), "
+            "COALESCE(bool_or(op = 'full'), "
             "false), EXTRACT(EPOCH FROM now() - MIN(at) FILTER (WHERE op <> 'pending')), "
             f"COUNT(DISTINCT user_id) FILTER (WHERE op = 'pending') FROM {table} "
             "WHERE side = 'legacy'"
         )
         waiting, full, lag, pending = cursor.fetchone()
+    capture = "on"
+    if unwatched:
+        capture = (
+            f"on, but the DDL watch is missing or disabled ({', '.join(unwatched)}): a capture "
+            "trigger switched off and on again would go unseen (run `python manage.py migrate` "
+            "as a superuser)"
+        )
     return LogState(
-        "on", waiting=waiting, full=full, lag=float(lag) if lag is not None else None,
-        pending=pending, follower_pid=pid,
+        capture, waiting=waiting, full=full, lag=float(lag) if lag is not None else None,
+        pending=pending, follower_pid=pid, follower_activity=activity,
     )  # fmt: skip

@@ -844,14 +844,21 @@ class Sync:
             f"EXISTS (SELECT 1 FROM {new_t} n "
             f"WHERE n.id = p.id AND LOWER(n.{new_email}) = p.email_key)"
         )
+        if self.only:
+            # A few users from the change log: each looked up by id (a scalar subquery stays
+            # one lookup a row; NOT EXISTS becomes a hash join over every new user).
+            keeps_key = (
+                f"(SELECT LOWER(n.{new_email}) FROM {new_t} n WHERE n.id = p.id) = p.email_key"
+            )
         if not m.new.objects.using(self.alias).exists():
             keeps_key = "1 = 0"  # the first copy: no new user keeps anything
-        changing = f"{written} AND NOT {keeps_key}"
+        changing = f"{written} AND NOT COALESCE({keeps_key}, false)"
         for pk, shared, n in self.sql(
-            f"""SELECT p.id, g.k, g.n FROM {PLAN} p
-            JOIN (SELECT p.email_key AS k, COUNT(*) AS n FROM {PLAN} p WHERE {changing}
-                GROUP BY p.email_key HAVING COUNT(*) > 1) g ON g.k = p.email_key
-            WHERE {changing}"""
+            f"""WITH changing AS {"MATERIALIZED" if self.postgresql else ""} (
+                SELECT p.id, p.email_key FROM {PLAN} p WHERE {changing})
+            SELECT c.id, g.k, g.n FROM changing c
+            JOIN (SELECT email_key AS k, COUNT(*) AS n FROM changing
+                GROUP BY email_key HAVING COUNT(*) > 1) g ON g.k = c.email_key"""
         ):
             self.bad[pk] = (
                 "email_duplicate",

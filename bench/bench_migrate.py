@@ -17,9 +17,9 @@ after loading, as a live database has long been vacuumed):
   - the way back, `migrate account 0001`;
   - then, on N only: `migrate` to the end (the copy again, and the change capture triggers),
     and the log-driven re-syncs beside the full compare (`copy_users --full`), in this
-    process so that no interpreter start-up is counted: nothing changed, then 1% changed and
-    0.1% deleted, each the median of 3 runs (bench/bench_changelog.py, which also measures
-    the writers' cost).
+    process so that no interpreter start-up is counted: nothing changed (median of 5 runs),
+    then 1% changed and 0.1% deleted (median of 3, each on users of its own); the same code
+    as bench/bench_changelog.py, which also measures the writers' cost.
 N against N/10 shows how time and memory grow with the table (goal: time at most 11x for ten
 times the users, peak RSS the same within 10%). The SQL baselines are the same copy as plain SQL
 (INSERT ... SELECT for users, profiles and group links, plus the count checks), once into the
@@ -206,7 +206,7 @@ def change_log(n: int) -> None:
 
     connections.close_all()
     manage(f"@{n} migrate to the end (copy again, capture triggers)", "migrate", "-v0")
-    print(f"  change log, {n:,} users (copy_users in process, median of 3 runs):")
+    print(f"  change log, {n:,} users (copy_users in process, median of 5 runs, 3 for 1%):")
     syncs = resyncs(3)
     for what in ("nothing", "1%"):
         log, full = median(syncs[f"{what}, log"]), median(syncs[f"{what}, full"])

@@ -72,12 +72,12 @@ def test_a_follower_killed_mid_load_loses_nothing(deploy):
     """kill -9 while writers run: the log position commits with the writes, so one sync
     afterwards brings NewUser level with the legacy table."""
     proc, _ = start_follower(deploy)
-    stop = threading.Event()
+    halt = threading.Event()
 
     def write():
         with deploy.connect() as conn:
             n = 0
-            while not stop.is_set():  # signups (each written once) and edits
+            while not halt.is_set():  # signups (each written once) and edits
                 n += 1
                 conn.execute(
                     "INSERT INTO account_user (password, is_superuser, username, email, "
@@ -99,12 +99,19 @@ def test_a_follower_killed_mid_load_loses_nothing(deploy):
         proc.wait(timeout=30)
         time.sleep(0.5)
     finally:
-        stop.set()
+        halt.set()
         writer.join()
         proc.kill()
     assert deploy.one("SELECT COUNT(*) FROM account_changelog WHERE side = 'legacy'") > 0
     deploy.ok(OLD, "copy_users")
     assert differing(deploy) == 0
+    ((ok, summary, message),) = follower_rows(deploy)
+    assert summary["follower"] == "running"  # it could not say otherwise
+    again, _ = start_follower(deploy)  # the next follower says it on the dead one's row
+    stop(again)
+    ((ok, summary, message),) = follower_rows(deploy)
+    assert not ok and summary["follower"] == "stopped", summary
+    assert message.startswith("Stopped without a word (killed?)"), message
 
 
 def read_until(proc, prefix, seconds=60):
@@ -297,6 +304,16 @@ def test_a_refusal_whose_cause_passes_without_a_legacy_write_is_retried(deploy):
                 == "Held Up"
             )
         ), "the refused write was not carried after its cause passed"
+        # Refused again, with nothing left to write when the lock is released (bob is back as
+        # NewUser has him): the recovery alone puts the run row right.
+        with deploy.connect() as holder:
+            holder.execute("SELECT pg_advisory_lock(727001)")
+            deploy.sql("UPDATE account_user SET full_name = 'Not Kept' WHERE username = 'bob'")
+            deploy.sql("UPDATE account_user SET full_name = 'Held Up' WHERE username = 'bob'")
+            read_until(proc, "copy_users --follow: the sync refused: Another user sync")
+            assert not follower_rows(deploy)[0][0]
+            holder.execute("SELECT pg_advisory_unlock(727001)")
+        assert wait_for(lambda: follower_rows(deploy)[0][0]), "the recovery was not saved"
         out = stop(proc)
     finally:
         proc.kill()
@@ -368,3 +385,98 @@ def test_a_follower_carries_writes_while_a_capture_trigger_is_disabled(deploy):
     finally:
         proc.kill()
         deploy.sql("ALTER TABLE account_user ENABLE TRIGGER account_user_capture_update")
+
+
+def in_process_follower(monkeypatch, tmp_path, sync, seconds=None):
+    """`follow` in this process with `copy_users` replaced by `sync`, and always work left at
+    each heartbeat (0.5 s); stopped after `seconds`, if given. Returns its run rows."""
+    from django.db import connection
+
+    from account import follower
+    from account.cutover import MODELS
+
+    monkeypatch.setattr(follower, "copy_users", sync)
+    monkeypatch.setattr(follower, "work_left", lambda models, using: True)
+    monkeypatch.setattr(follower, "idle_reason", lambda models, using: "")
+    stop = threading.Event()
+    if seconds is not None:
+        threading.Timer(seconds, stop.set).start()
+    try:
+        follower.follow(MODELS, skip_invalid=True, batch_size=100, report_dir=tmp_path,
+                        heartbeat=0.5, stop=stop)  # fmt: skip
+    finally:
+        stop.set()
+        with connection.cursor() as cursor:
+            cursor.execute(FOLLOWER_ROWS)
+            rows = cursor.fetchall()
+    return rows
+
+
+@postgresql_only
+@pytest.mark.django_db(transaction=True)
+def test_a_follower_stopped_by_a_bug_says_so_in_its_run_row(monkeypatch, tmp_path):
+    from account import follower
+
+    calls = []
+
+    def sync(models, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise follower.CopyError("refused, for the test")
+        raise RuntimeError("a bug, for the test")
+
+    with pytest.raises(RuntimeError):
+        in_process_follower(monkeypatch, tmp_path, sync)
+    from account.models import OperationLog
+
+    (row,) = OperationLog.objects.filter(summary__follower="stopped")
+    assert not row.ok and "a bug, for the test" in row.message
+
+
+@postgresql_only
+@pytest.mark.django_db(transaction=True)
+def test_heartbeats_whose_full_compare_changes_nothing_back_off(monkeypatch, tmp_path):
+    """Capture off (or a refusal under a full compare): each heartbeat would compare every
+    user, seconds at a million. Each one that changed nothing doubles the wait."""
+    from account.usercopy import CopyResult
+
+    calls = []
+
+    def sync(models, **kwargs):
+        calls.append(time.monotonic())
+        return CopyResult(source="full", source_reason="capture off, for the test")
+
+    in_process_follower(monkeypatch, tmp_path, sync, seconds=8)
+    # Without the back-off: one every 0.5-1 s (10 or more); with it: 0.5, 1, 2, 4 s apart.
+    assert 3 <= len(calls) <= 6, [round(b - a, 1) for a, b in zip(calls, calls[1:], strict=False)]
+
+
+@postgresql_only
+def test_the_report_a_follower_run_row_names_is_kept(deploy):
+    """With --skip-invalid a pending user is looked at again at each heartbeat, and each sync
+    writes a report: the one the status page names stays on disk."""
+    proc, _ = start_follower(deploy, "--skip-invalid")
+    try:
+        deploy.sql("UPDATE account_user SET email = 'not-an-email' WHERE username = 'bob'")
+        assert wait_for(lambda: follower_rows(deploy) and follower_rows(deploy)[0][1]["report"])
+        time.sleep(11)  # two heartbeats, two more reports
+        ((ok, summary, message),) = follower_rows(deploy)
+        folder = deploy.tmp_path / "reports" / "follower"
+        assert summary["report"] in [p.name for p in folder.rglob("*.csv")], summary
+        stop(proc)
+    finally:
+        proc.kill()
+
+
+@postgresql_only
+def test_a_follower_waits_when_the_change_log_is_migrated_away(deploy):
+    """`migrate account 0002` while it follows drops the log: it waits for the migrations
+    again (as a follower started before them does), not a false "connection failed"."""
+    proc, _ = start_follower(deploy)
+    try:
+        deploy.ok(OLD, "migrate", "account", "0002")
+        read_until(proc, "Waiting for `python manage.py migrate`")
+        out = stop(proc)
+    finally:
+        proc.kill()
+    assert "connection failed" not in out, out

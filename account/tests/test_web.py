@@ -189,22 +189,27 @@ def test_status_shows_the_change_log_at_a_glance(client):
     staff = staff_client(client)
     changes(("legacy", 4, "update", 90), ("legacy", 4, "links", 30), ("legacy", 5, "insert", 1),
             ("legacy", 6, "pending", 500), ("legacy", 7, "pending", 400),
-            ("new", 8, "update", 1))  # fmt: skip
+            ("legacy", 7, "pending", 300), ("new", 8, "update", 1))  # fmt: skip
     page = staff.get("/status/").content.decode()
     assert cell(page, "log-capture") == "on"
     assert cell(page, "log-depth") == "3"  # the rows waiting, not the rejected users kept
     assert 89 <= float(cell(page, "log-lag").removesuffix(" s")) <= 95  # the oldest waiting
-    assert cell(page, "log-kept") == "2"
+    assert cell(page, "log-kept") == "2"  # users, not rows
     assert cell(page, "follower") == "not running"
     assert cell(page, "log-new-side") is None  # not cut over
     changes(("legacy", 6, "pending", 500), ("legacy", 0, "full", 2))
     page = staff.get("/status/").content.decode()
-    assert cell(page, "log-depth").startswith("1 (one asks the next sync to compare every user")
+    assert cell(page, "log-depth") == "0 (and a request to compare every user at the next sync)"
     assert 1 <= float(cell(page, "log-lag").removesuffix(" s")) <= 8
     changes(("legacy", 6, "pending", 500))
     assert cell(staff.get("/status/").content.decode(), "log-lag") == "none waiting"
 
     with connection.cursor() as cursor:  # rolled back with the test's transaction
+        cursor.execute("ALTER EVENT TRIGGER account_capture_ddl DISABLE")
+    page = staff.get("/status/").content.decode()
+    assert cell(page, "log-capture").startswith("on, but the DDL watch is missing or disabled")
+    assert cell(page, "log-depth") == "0"  # the row triggers still log: the depth means something
+    with connection.cursor() as cursor:
         cursor.execute("ALTER TABLE account_user DISABLE TRIGGER account_user_capture_update")
     page = staff.get("/status/").content.decode()
     assert cell(page, "log-capture").startswith("off: account_user_capture_update missing")
@@ -266,6 +271,14 @@ def test_status_last_change_applied_skips_failed_and_no_op_copies(client):
     assert abs((views.last_change_applied() - at(7)).total_seconds()) < 60
 
 
+@postgresql_only
+def test_status_says_a_follower_row_still_running_is_not_when_no_follower_holds_the_lock(client):
+    copy_log("Follower running: 2 syncs", follower="running", syncs=2, updated=2)
+    page = staff_client(client).get("/status/").content.decode()
+    assert "no longer holds its lock: it is not running" in page
+    assert cell(page, "follower") == "not running"
+
+
 def test_status_last_change_applied_says_none_yet(client):
     copy_log("no-op", copied=0, pending=0)
     assert views.last_change_applied() is None
@@ -292,7 +305,7 @@ def test_status_says_whether_a_follower_is_running():
         same_db.execute("SELECT pg_advisory_lock(%s)", [FOLLOW_KEY])
         pid = same_db.info.backend_pid
         page = client.get("/status/").content.decode()
-        assert cell(page, "follower") == f"running (database backend pid {pid})"
+        assert cell(page, "follower").startswith(f"running (database backend pid {pid}, idle for")
         same_db.execute("SELECT pg_advisory_unlock_all()")
         assert cell(client.get("/status/").content.decode(), "follower") == "not running"
 
@@ -322,6 +335,9 @@ def test_status_says_whether_a_follower_is_running():
             False,
         ),  # fmt: skip
         (True, {}, False),
+        # A follower's run: its syncs and refusals are no changes by themselves.
+        (True, {"follower": "running", "syncs": 4, "refused": 2, "copied": 0}, False),
+        (True, {"follower": "stopped", "syncs": 4, "refused": 0, "updated": 3}, True),
     ],
 )
 def test_a_copy_did_something_when_it_failed_or_changed_a_row(ok, summary, expected):
