@@ -424,3 +424,38 @@ def test_the_ddl_watch_leaves_other_ddl_alone():
             transaction.set_rollback(True)
     finally:
         alter("DROP ROLE review_outsider")
+
+
+@postgresql
+@pytest.mark.django_db(transaction=True)
+def test_a_log_driven_sync_rejects_an_email_two_users_take_at_once():
+    """Two copied users change their emails to one address (any case) between two syncs: both
+    rejected as duplicates, as the full compare rejects them, and so are two new legacy users
+    with one email; a user who keeps their email while a third takes it is not a duplicate of
+    it (the third is email_taken)."""
+    alice = make_legacy("alice", "alice@example.com")
+    bob = make_legacy("bob", "bob@example.com")
+    carol = make_legacy("carol", "carol@example.com")
+    dave = make_legacy("dave", "dave@example.com")
+    sync()
+    User.objects.filter(pk=alice.pk).update(email="shared@example.com")
+    User.objects.filter(pk=bob.pk).update(email="SHARED@example.com")
+    User.objects.filter(pk=carol.pk).update(full_name="Carol Kept")  # keeps her email
+    User.objects.filter(pk=dave.pk).update(email="Carol@example.com")
+    erin = make_legacy("erin", "twice@example.com")  # two sign-ups on the legacy side
+    frank = make_legacy("frank", "Twice@example.com")
+    result = sync()
+    assert result.source == "log"
+    reasons = {int(r["legacy_id"]): r["reason"] for r in rejected_rows(result)}
+    assert reasons == {
+        alice.pk: "email_duplicate", bob.pk: "email_duplicate", dave.pk: "email_taken",
+        erin.pk: "email_duplicate", frank.pk: "email_duplicate",
+    }  # fmt: skip
+    assert NewUser.objects.get(pk=carol.pk).full_name == "Carol Kept"
+
+
+def rejected_rows(result):
+    import csv
+
+    with open(result.report, newline="") as f:
+        return list(csv.DictReader(f))
