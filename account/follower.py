@@ -135,7 +135,8 @@ def follow(
         cursor.execute("SELECT pg_backend_pid()")
         own_pid = cursor.fetchone()[0]
     run = Run(models, using, every=heartbeat)
-    run.close_dead_runs()
+    with suppress(DatabaseError):  # not migrated yet: done when its own row is made
+        run.close_dead_runs()
     last_refusal = None
     announced = None  # the report a refusal named: kept while the refusal stands
     # Its reports apart (one folder per database: followers of other databases clean up
@@ -441,6 +442,7 @@ class Run:
         for attempt in (1, 2):
             try:
                 if self.row is None:
+                    self.close_dead_runs()  # in case there was no OperationLog at start
                     now = now or timezone.now()
                     self.row = log.objects.using(self.using).create(
                         kind="copy", ok=ok, started_at=now, finished_at=now,
@@ -473,7 +475,8 @@ class Run:
 
     def close_dead_runs(self):
         """Rows still 'running' belong to followers that died without a word (kill -9, the
-        host lost): this follower holds the lock, so no other runs. Say so on them."""
+        host lost): this follower holds the lock, so no other runs. Say so on them (before
+        its own row is made)."""
         log = self.models.log
         if log is None:
             return

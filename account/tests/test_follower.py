@@ -177,6 +177,23 @@ def test_a_follower_started_before_the_migrations_waits_for_them(deploy):
 
 
 @postgresql_only
+def test_a_follower_started_on_an_empty_database_waits_for_the_migrations(deploy):
+    """As the compose `sync` service starts, before anything is migrated: no table at all."""
+    deploy.sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+    proc = deploy.popen(OLD, "copy_users", "--follow")
+    try:
+        read_until(proc, "Waiting for `python manage.py migrate`")
+        deploy.ok(OLD, "migrate", "--no-input")
+        read_until(proc, "Following the change log")
+        deploy.sql("UPDATE account_user SET full_name = 'After' WHERE username = 'bob'")
+        assert wait_for(lambda: len(follower_rows(deploy)) == 1)
+        out = stop(proc)
+    finally:
+        proc.kill()
+    assert "Traceback" not in out, out
+
+
+@postgresql_only
 def test_a_refusing_sync_is_said_once_and_keeps_one_report(deploy):
     """Under the default policy a rejected legacy row makes every sync refuse: the follower
     says so once (not once per write), keeps only its newest report, and carries the rest as
