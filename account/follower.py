@@ -210,6 +210,7 @@ def follow(
                     if reason != last_refusal and on_idle:
                         on_idle(reason)
                     last_refusal = reason
+                    run.flush()
                     stop.wait(heartbeat)
                     drain(connection)  # what was notified meanwhile is not for us
                     continue
@@ -224,6 +225,10 @@ def follow(
                     )  # fmt: skip
                 except CutOver:
                     continue  # idle_reason says so, once
+        # Said before the lock is released: a follower starting then would take this row,
+        # still 'running', for a dead one's.
+        done.stopped_by = getattr(stop, "signal_name", "") or "asked"
+        run.stop(done, ok=True, message=summary_line(done))
     except (DatabaseError, psycopg.Error) as exc:
         failure = FollowError(
             f"The database connection failed ({str(exc).strip().splitlines()[0]}); the "
@@ -240,8 +245,6 @@ def follow(
         with suppress(DatabaseError), connection.cursor() as cursor:
             cursor.execute(f"UNLISTEN {CHANNEL}")
             cursor.execute("SELECT pg_advisory_unlock(%s)", [FOLLOW_KEY])
-    done.stopped_by = getattr(stop, "signal_name", "") or "asked"
-    run.stop(done, ok=True, message=summary_line(done))
     return done
 
 
@@ -249,7 +252,7 @@ def carry(sync_once, stop, connection, own_pid, heartbeat, models, using, alive_
     """Sync at each notification (or heartbeat with work left) until `stop`. Every note
     waiting is read before one sync: a sync carries all that committed before it."""
     waited = time.monotonic()
-    slow = 0  # heartbeats in a row whose sync compared every user and changed nothing
+    backoff = Backoff(heartbeat)
     while not stop.is_set():
         touch(alive_file)
         run.flush()
@@ -262,24 +265,46 @@ def carry(sync_once, stop, connection, own_pid, heartbeat, models, using, alive_
         if stop.is_set():
             return
         beat = False
-        if not woken and time.monotonic() - waited >= heartbeat * min(2**slow, 12):
+        if not woken and time.monotonic() - waited >= backoff.wait:
+            if idle_reason(models, using):  # migrated back, or cut over meanwhile
+                raise CutOver
             woken = beat = work_left(models, using)
+            if not woken:
+                backoff.nothing_to_do()
             waited = time.monotonic()
         if woken:
-            idle_full_compare = sync_once()
-            slow = slow + 1 if beat and idle_full_compare else 0
+            backoff.synced(beat=beat, idle_full_compare=sync_once())
             waited = time.monotonic()
+
+
+class Backoff:
+    """How long the follower waits between heartbeats: `heartbeat`, doubled after each
+    heartbeat whose sync compared every user and changed nothing (capture off, or a refused
+    full compare: seconds at a million users), up to `most` heartbeats. A sync woken by a
+    writer's note, one that wrote, or a heartbeat with nothing to do sets it back."""
+
+    def __init__(self, heartbeat: float, most: int = 12):
+        self.heartbeat, self.most, self.slow = heartbeat, most, 0
+
+    @property
+    def wait(self) -> float:
+        return self.heartbeat * min(2**self.slow, self.most)
+
+    def synced(self, *, beat: bool, idle_full_compare: bool) -> None:
+        self.slow = min(self.slow + 1, self.most.bit_length()) if beat and idle_full_compare else 0
+
+    def nothing_to_do(self) -> None:
+        self.slow = 0
 
 
 def work_left(models, using) -> bool:
     """Rows left in the log (a refused sync, users kept pending: tried again, their cause may
     have passed with no legacy write; cheap, it reads only those users), or a capture trigger
-    on the legacy tables missing (writes are not logged: the sync compares every user)."""
+    or the DDL watch missing (a write may not be logged: the sync compares every user, as
+    `copy_users` does then; `Backoff` keeps that to about one a minute)."""
     connection = connections[using]
     try:
-        return newest_log_id(models, using) is not None or bool(
-            changecapture.missing(connection, changecapture.USER_TABLES)
-        )
+        return newest_log_id(models, using) is not None or bool(changecapture.missing(connection))
     except DatabaseError:
         if idle_reason(models, using):  # migrated back: the log is gone
             raise CutOver from None
@@ -438,9 +463,13 @@ class Run:
         so its row does not rise above a newer copy's on the status page)."""
         log, ok, message = self.models.log, self.ok, self.message
         changed = {"finished_at": now} if now is not None else {}
-        self.dirty, self.saved = None, time.monotonic()
+        self.saved = time.monotonic()
         for attempt in (1, 2):
             try:
+                if self.row is not None and not log.objects.using(self.using).filter(
+                    pk=self.row.pk
+                ).update(ok=ok, summary=self.summary, message=message, **changed):
+                    self.row = None  # deleted meanwhile (a restore, say): made again
                 if self.row is None:
                     self.close_dead_runs()  # in case there was no OperationLog at start
                     now = now or timezone.now()
@@ -448,14 +477,11 @@ class Run:
                         kind="copy", ok=ok, started_at=now, finished_at=now,
                         summary=self.summary, message=message,
                     )  # fmt: skip
-                else:
-                    log.objects.using(self.using).filter(pk=self.row.pk).update(
-                        ok=ok, summary=self.summary, message=message, **changed
-                    )
+                self.dirty = None
                 return
             except DatabaseError:
                 if not reconnect or attempt == 2:
-                    return  # the database is gone: the message is on stderr
+                    return  # the database is gone (the message is on stderr); kept dirty
                 # The follower's connection died (its lock and LISTEN with it): say how it
                 # ended on a new one, if the database answers.
                 connections[self.using].close()
@@ -466,6 +492,12 @@ class Run:
         if ok and not self.ok:  # it stopped while its syncs refused: that still stands
             ok, message = False, f"{message} Its last sync refused: {self.message}"
         self.summary["follower"] = "stopped"
+        # A clean stop keeps finished_at (the last write, refusal or recovery), or takes the
+        # time of a write whose save was held back.
+        if ok and self.dirty is not None:
+            self.ok, self.message = ok, message
+            self.write(self.dirty, reconnect=False)
+            return
         self.save(done, ok=ok, message=message, reconnect=not ok, bump=not ok)
 
     def report(self, reports: Path) -> Path | None:
@@ -475,17 +507,18 @@ class Run:
 
     def close_dead_runs(self):
         """Rows still 'running' belong to followers that died without a word (kill -9, the
-        host lost): this follower holds the lock, so no other runs. Say so on them (before
-        its own row is made)."""
+        host lost): this follower holds the lock, so no other runs (a follower says it
+        stopped before it releases the lock). Say so on them, in one statement."""
         log = self.models.log
         if log is None:
             return
-        dead = log.objects.using(self.using).filter(kind="copy", summary__follower="running")
-        for row in dead:
-            row.summary["follower"] = "stopped"
-            row.ok = False
-            row.message = f"Stopped without a word (killed?). Its last state: {row.message}"
-            row.save(update_fields=["summary", "ok", "message"])
+        with connections[self.using].cursor() as cursor:
+            cursor.execute(
+                f"UPDATE {log._meta.db_table} SET ok = false, "
+                "summary = jsonb_set(summary, '{follower}', '\"stopped\"'), "
+                "message = 'Stopped without a word (killed?). Its last state: ' || message "
+                "WHERE kind = 'copy' AND summary ->> 'follower' = 'running'"
+            )
 
 
 def follower_pid(cursor) -> int | None:
@@ -513,19 +546,17 @@ class LogState:
     pending: int | None = None  # users kept in the log: rejected (`--skip-invalid`), conflicts
     new_side: int | None = None  # users NewUser's log holds since the cut-over
     follower_pid: int | None = None
-    follower_activity: str = ""  # what its backend does: "idle for 2 s", "active for 40 s"
+    follower_activity: str = ""  # "its backend idle for 2 s", "... active for 40 s", or ""
+    follower_known: bool = False  # whether `follower_pid` was looked up (not on SQLite, errors)
     unknown: bool = False  # writes may be waiting, but the log cannot say (capture off)
 
 
 def log_state(models, using: str = "default") -> LogState:
     connection = connections[using]
     if connection.vendor != "postgresql":
-        return LogState("none on SQLite: each sync compares every user")
+        return LogState("none on SQLite: each sync compares every user", follower_known=True)
     table = models.changes._meta.db_table
     with connection.cursor() as cursor:
-        cursor.execute("SELECT to_regclass(%s) IS NOT NULL", [connection.ops.quote_name(table)])
-        if not cursor.fetchone()[0]:
-            return LogState("not installed yet: run `python manage.py migrate`")
         pid = follower_pid(cursor)
         activity = ""
         if pid:  # a follower blocked (on a row lock, say) shows as active for long
@@ -535,8 +566,16 @@ def log_state(models, using: str = "default") -> LogState:
                 [pid],
             )
             row = cursor.fetchone()
-            if row and row[1] is not None:
-                activity = f"{row[0]} for {float(row[1]):.0f} s"
+            if row and row[0] and row[1] is not None:  # hidden without pg_read_all_stats
+                activity = f"its backend {row[0]} for {float(row[1]):.0f} s"
+        cursor.execute("SELECT to_regclass(%s) IS NOT NULL", [connection.ops.quote_name(table)])
+        if not cursor.fetchone()[0]:
+            return LogState(
+                "not installed yet: run `python manage.py migrate`",
+                follower_pid=pid,
+                follower_activity=activity,
+                follower_known=True,
+            )
         if readonly.is_read_only(models.legacy, using):
             cursor.execute(f"SELECT COUNT(*) FROM {table} WHERE side = 'new' AND op <> 'full'")
             return LogState(
@@ -544,6 +583,7 @@ def log_state(models, using: str = "default") -> LogState:
                 new_side=cursor.fetchone()[0],
                 follower_pid=pid,
                 follower_activity=activity,
+                follower_known=True,
             )
         tables = sorted({table for _, table, _ in changecapture.triggers()})
         missing = changecapture.missing(connection, tables)
@@ -553,6 +593,7 @@ def log_state(models, using: str = "default") -> LogState:
                 "migrate`); each sync compares every user",
                 follower_pid=pid,
                 follower_activity=activity,
+                follower_known=True,
                 unknown=True,
             )
         unwatched = changecapture.ddl_watch_missing(connection)
@@ -573,5 +614,5 @@ def log_state(models, using: str = "default") -> LogState:
         )
     return LogState(
         capture, waiting=waiting, full=full, lag=float(lag) if lag is not None else None,
-        pending=pending, follower_pid=pid, follower_activity=activity,
+        pending=pending, follower_pid=pid, follower_activity=activity, follower_known=True,
     )  # fmt: skip

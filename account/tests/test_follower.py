@@ -338,6 +338,7 @@ def test_a_refusal_whose_cause_passes_without_a_legacy_write_is_retried(deploy):
 
 
 FOLLOWER_ROWS = "SELECT ok, summary, message FROM account_operationlog WHERE summary ? 'follower'"
+FINISHED = "SELECT finished_at FROM account_operationlog WHERE summary ? 'follower'"
 
 
 def follower_rows(deploy):
@@ -497,3 +498,92 @@ def test_a_follower_waits_when_the_change_log_is_migrated_away(deploy):
     finally:
         proc.kill()
     assert "connection failed" not in out, out
+
+
+def test_the_heartbeat_backs_off_only_after_idle_full_compares():
+    from account.follower import Backoff
+
+    b = Backoff(5.0)
+    assert b.wait == 5.0
+    for expected in (10.0, 20.0, 40.0, 60.0, 60.0, 60.0):  # doubled, at most 12 heartbeats
+        b.synced(beat=True, idle_full_compare=True)
+        assert b.wait == expected
+    b.synced(beat=False, idle_full_compare=True)  # a writer's note woke it
+    assert b.wait == 5.0
+    b.synced(beat=True, idle_full_compare=True)
+    b.synced(beat=True, idle_full_compare=False)  # it wrote, or read only the log
+    assert b.wait == 5.0
+    b.synced(beat=True, idle_full_compare=True)
+    b.nothing_to_do()
+    assert b.wait == 5.0
+
+
+@postgresql_only
+@pytest.mark.django_db
+def test_work_is_left_while_a_capture_trigger_or_the_ddl_watch_is_off():
+    """The heartbeat syncs then (a write may not be logged), as `copy_users` compares every
+    user then; with the log empty and capture whole, it does not."""
+    from django.db import connection
+
+    from account import follower
+    from account.cutover import MODELS
+    from account.models import ChangeLog
+
+    ChangeLog.objects.all().delete()
+    assert not follower.work_left(MODELS, "default")
+    for statement in (
+        "ALTER EVENT TRIGGER account_capture_ddl DISABLE",
+        "ALTER TABLE account_user_groups DISABLE TRIGGER account_user_groups_capture",
+    ):
+        with connection.cursor() as cursor:  # rolled back with the test's transaction
+            cursor.execute("SAVEPOINT s")
+            cursor.execute(statement)
+            ChangeLog.objects.all().delete()  # the DDL watch's 'full' row
+            assert follower.work_left(MODELS, "default"), statement
+            cursor.execute("ROLLBACK TO SAVEPOINT s")
+
+
+@postgresql_only
+def test_a_held_back_save_is_flushed_and_a_clean_stop_keeps_finished_at(deploy):
+    """Two writes within the save interval: the first saves the run row at once, the second
+    within a heartbeat while the follower waits; stopping it cleanly then changes neither
+    the last change applied nor finished_at."""
+    proc, _ = start_follower(deploy)
+    try:
+        deploy.sql("UPDATE account_user SET full_name = 'First' WHERE username = 'bob'")
+        assert wait_for(lambda: len(follower_rows(deploy)) == 1)
+        deploy.sql("UPDATE account_user SET full_name = 'Second' WHERE username = 'alice'")
+        assert wait_for(lambda: follower_rows(deploy)[0][1]["updated"] == 2), "never flushed"
+        time.sleep(1)
+        finished = deploy.one(FINISHED)
+        applied = follower_rows(deploy)[0][1]["applied_at"]
+        stop(proc)
+    finally:
+        proc.kill()
+    ((ok, summary, message),) = follower_rows(deploy)
+    assert summary["follower"] == "stopped" and summary["applied_at"] == applied
+    assert deploy.one(FINISHED) == finished
+
+
+@postgresql_only
+def test_a_clean_stop_saves_a_held_back_write_with_its_time(deploy):
+    proc, _ = start_follower(deploy)
+    try:
+        deploy.sql("UPDATE account_user SET full_name = 'First' WHERE username = 'bob'")
+        assert wait_for(lambda: len(follower_rows(deploy)) == 1)
+        deploy.sql("UPDATE account_user SET full_name = 'Held' WHERE username = 'alice'")
+        assert wait_for(
+            lambda: (
+                deploy.one("SELECT full_name FROM account_newuser WHERE username = 'alice'")
+                == "Held"
+            )
+        )
+        stop(proc)  # within the save interval: its save was held back
+    finally:
+        proc.kill()
+    ((ok, summary, message),) = follower_rows(deploy)
+    assert summary["updated"] == 2, summary
+    finished = deploy.one(FINISHED)
+    from datetime import datetime
+
+    assert finished >= datetime.fromisoformat(summary["applied_at"]), summary
