@@ -15,17 +15,19 @@ and a statement trigger on the log sends a `NOTIFY` on `CHANNEL` when the writer
    hint: one sent while the connection was being re-made, or by this follower's own
    'pending' rows, which it ignores, is not needed for correctness). This is also how a
    refused sync is tried again: what made it refuse can pass without a legacy write (another
-   sync finished, a row referencing a deleted user was removed). With a capture trigger on
-   the legacy tables missing or disabled, writes are neither logged nor notified: each
+   sync finished, a row referencing a deleted user was removed). With a capture trigger or
+   the DDL watch missing or disabled, a write may be neither logged nor notified: each
    heartbeat then compares every user. A heartbeat whose sync compared every user and
-   changed nothing doubles the wait before the next one (up to 12 heartbeats); a note from a
-   writer, or a sync that wrote, resets it;
+   changed nothing doubles the wait before the next one (`Backoff`, up to 12 heartbeats); a
+   note from a writer, a sync that wrote, or a heartbeat with nothing to do resets it. Each
+   heartbeat also looks for unapplied migrations (migrated back, it waits as below);
 5. on SIGTERM or SIGINT (Ctrl-C) finishes the sync in hand and returns.
 
 A sync that refuses (a rejected row under the default policy, a conflict, another sync
-running) is reported once, not once per write, and retried at the next change or heartbeat. While there
-is nothing to follow (migrations not applied yet, so no first copy; or cut over) it says so
-once and looks again every `heartbeat` seconds: as a service it never exits on its own.
+running) is reported once, not once per write, and retried at the next change or heartbeat.
+While there is nothing to follow (migrations not applied yet, so no first copy; or cut over)
+it says so once and looks again every `heartbeat` seconds: as a service it never exits on its
+own. Its run is one OperationLog row (`Run`), for the status page.
 """
 
 import re
