@@ -1349,10 +1349,6 @@ class Sync:
         new_joins, new_digest = self.digest(m.new, "n", correlated=bool(self.only))
         state_t, new_t = self.table(m.state), self.table(m.new)
         this_run = f"n.{self.column(m.new, 'updated_at')} = %s" + self.restricted("n.id")
-        self.sql(
-            f"DELETE FROM {state_t} WHERE user_id IN (SELECT n.id FROM {new_t} n WHERE {this_run})",
-            [self.at],
-        )
         # The digests first, by CREATE TABLE AS: PostgreSQL computes them in parallel workers
         # (an INSERT ... SELECT, or a query reading a temporary table, runs in one process).
         self.sql(
@@ -1360,10 +1356,14 @@ class Sync:
             f"SELECT n.id, {new_digest} AS digest FROM {new_t} n {new_joins} WHERE {this_run}",
             [self.at],
         )
+        # Every user written is planned (DIGESTS is in PLAN): one upsert replaces their rows.
+        # (`WHERE true`: SQLite's parser needs it before ON CONFLICT after a join.)
         self.sql(
             f"""INSERT INTO {state_t} (user_id, legacy_digest, new_digest, synced_at)
             SELECT d.id, p.legacy_digest, d.digest, %s
-            FROM {DIGESTS} d JOIN {PLAN} p ON p.id = d.id""",
+            FROM {DIGESTS} d JOIN {PLAN} p ON p.id = d.id WHERE true
+            ON CONFLICT (user_id) DO UPDATE SET legacy_digest = excluded.legacy_digest,
+                new_digest = excluded.new_digest, synced_at = excluded.synced_at""",
             [self.at],
         )
 
