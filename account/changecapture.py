@@ -254,6 +254,21 @@ def install_notify(connection) -> None:
         cursor.execute(f"ALTER TABLE {LOG_TABLE} ENABLE ALWAYS TRIGGER {LOG_TABLE}_notify")
 
 
+def notify_missing(connection) -> bool:
+    """Whether the log's NOTIFY trigger is absent or not firing ALWAYS (PostgreSQL). Nothing is
+    lost without it: the follower then carries logged writes at its heartbeat, not at once."""
+    if connection.vendor != "postgresql":
+        return False
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT NOT EXISTS (SELECT 1 FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+            "WHERE t.tgname = %s AND c.relname = %s AND t.tgenabled = 'A' "
+            "AND pg_catalog.pg_table_is_visible(c.oid))",
+            [f"{LOG_TABLE}_notify", LOG_TABLE],
+        )
+        return cursor.fetchone()[0]
+
+
 def uninstall_notify(connection) -> None:
     if connection.vendor == "postgresql":
         with connection.cursor() as cursor:

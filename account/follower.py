@@ -608,6 +608,12 @@ def log_state(models, using: str = "default") -> LogState:
         )
         waiting, full, lag, pending = cursor.fetchone()
     capture = "on"
+    if changecapture.notify_missing(connection):
+        capture = (
+            f"on, but the NOTIFY trigger of the change log ({changecapture.LOG_TABLE}_notify) is "
+            "missing or disabled: a follower carries each write at its heartbeat (5 s), not as "
+            "it commits (run `python manage.py migrate`)"
+        )
     if unwatched:
         capture = (
             f"on, but the DDL watch is missing or disabled ({', '.join(unwatched)}): a capture "

@@ -205,6 +205,12 @@ def test_status_shows_the_change_log_at_a_glance(client):
     assert cell(staff.get("/status/").content.decode(), "log-lag") == "none waiting"
 
     with connection.cursor() as cursor:  # rolled back with the test's transaction
+        cursor.execute("SAVEPOINT s")
+        cursor.execute("ALTER TABLE account_changelog DISABLE TRIGGER account_changelog_notify")
+    page = staff.get("/status/").content.decode()
+    assert cell(page, "log-capture").startswith("on, but the NOTIFY trigger of the change log")
+    with connection.cursor() as cursor:
+        cursor.execute("ROLLBACK TO SAVEPOINT s")
         cursor.execute("ALTER EVENT TRIGGER account_capture_ddl DISABLE")
     page = staff.get("/status/").content.decode()
     assert cell(page, "log-capture").startswith("on, but the DDL watch is missing or disabled")
