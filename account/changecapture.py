@@ -259,14 +259,7 @@ def notify_missing(connection) -> bool:
     lost without it: the follower then carries logged writes at its heartbeat, not at once."""
     if connection.vendor != "postgresql":
         return False
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT NOT EXISTS (SELECT 1 FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
-            "WHERE t.tgname = %s AND c.relname = %s AND t.tgenabled = 'A' "
-            "AND pg_catalog.pg_table_is_visible(c.oid))",
-            [f"{LOG_TABLE}_notify", LOG_TABLE],
-        )
-        return cursor.fetchone()[0]
+    return bool(_not_firing(connection, [(f"{LOG_TABLE}_notify", LOG_TABLE)]))
 
 
 def uninstall_notify(connection) -> None:
@@ -394,6 +387,13 @@ def missing(connection, tables=None) -> list[str]:
     expected = [(n, t) for n, t, _ in triggers() if tables is None or t in tables]
     if connection.vendor != "postgresql":
         return [name for name, _ in expected]
+    absent = _not_firing(connection, expected)
+    return absent + (ddl_watch_missing(connection) if tables is None else [])
+
+
+def _not_firing(connection, expected: list[tuple[str, str]]) -> list[str]:
+    """The (trigger, table) pairs of `expected` that are not there or do not fire ALWAYS, by
+    trigger name (PostgreSQL)."""
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT t.tgname, c.relname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
@@ -402,8 +402,7 @@ def missing(connection, tables=None) -> list[str]:
             [[name for name, _ in expected]],
         )
         found = set(cursor.fetchall())
-    absent = [name for name, table in expected if (name, table) not in found]
-    return absent + (ddl_watch_missing(connection) if tables is None else [])
+    return [name for name, table in expected if (name, table) not in found]
 
 
 def ddl_watch_missing(connection) -> list[str]:

@@ -192,11 +192,9 @@ def follow(
         done.copied += result.copied
         done.updated += result.updated
         done.deleted += result.deleted
-        if result.written or recovered or run.rejected != result.rejected_total:
-            run.save(
-                done, ok=True, message=running_line(done, result), result=result,
-                urgent=recovered or run.rejected != result.rejected_total,
-            )  # fmt: skip
+        news = recovered or run.rejected != result.rejected_total  # saved at once
+        if result.written or news:
+            run.save(done, ok=True, message=running_line(done, result), result=result, urgent=news)
         keep_newest(reports, keep=run.report(reports))  # and the one the status page names
         if on_sync:
             on_sync(result)
@@ -417,8 +415,12 @@ class Run:
         self.dirty = None  # a save held back (`flush`)
         self.row = None
         self.ok, self.message = True, ""
-        self.rejected = 0  # the last sync's rejected rows
         self.summary = {"follower": "running"}
+
+    @property
+    def rejected(self) -> int:
+        """The last sync's rejected rows, as the row says."""
+        return self.summary.get("rejected", 0)
 
     def save(
         self,
@@ -442,7 +444,6 @@ class Run:
             refused=done.refused,
         )  # fmt: skip
         if result is not None:
-            self.rejected = result.rejected_total
             self.summary.update(
                 rejected=result.rejected_total,
                 rejected_by_reason=dict(sorted(result.rejected.items())),
@@ -570,32 +571,24 @@ def log_state(models, using: str = "default") -> LogState:
             row = cursor.fetchone()
             if row and row[0] and row[1] is not None:  # hidden without pg_read_all_stats
                 activity = f"its backend {row[0]} for {float(row[1]):.0f} s"
+        follower = dict(follower_pid=pid, follower_activity=activity, follower_known=True)
         cursor.execute("SELECT to_regclass(%s) IS NOT NULL", [connection.ops.quote_name(table)])
         if not cursor.fetchone()[0]:
-            return LogState(
-                "not installed yet: run `python manage.py migrate`",
-                follower_pid=pid,
-                follower_activity=activity,
-                follower_known=True,
-            )
+            return LogState("not installed yet: run `python manage.py migrate`", **follower)
         if readonly.is_read_only(models.legacy, using):
             cursor.execute(f"SELECT COUNT(*) FROM {table} WHERE side = 'new' AND op <> 'full'")
             return LogState(
                 "suspended: cut over, the legacy table is read-only",
                 new_side=cursor.fetchone()[0],
-                follower_pid=pid,
-                follower_activity=activity,
-                follower_known=True,
+                **follower,
             )
-        tables = sorted({table for _, table, _ in changecapture.triggers()})
+        tables = sorted({t for _, t, _ in changecapture.triggers()})  # row triggers only
         missing = changecapture.missing(connection, tables)
         if missing:
             return LogState(
                 f"off: {', '.join(missing[:3])} missing or disabled (run `python manage.py "
                 "migrate`); each sync compares every user",
-                follower_pid=pid,
-                follower_activity=activity,
-                follower_known=True,
+                **follower,
                 unknown=True,
             )
         unwatched = changecapture.ddl_watch_missing(connection)
@@ -622,5 +615,5 @@ def log_state(models, using: str = "default") -> LogState:
         )
     return LogState(
         capture, waiting=waiting, full=full, lag=float(lag) if lag is not None else None,
-        pending=pending, follower_pid=pid, follower_activity=activity, follower_known=True,
+        pending=pending, **follower,
     )  # fmt: skip

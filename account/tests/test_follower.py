@@ -163,33 +163,41 @@ def test_a_follower_waits_through_the_cutover_and_follows_again_after_the_rollba
         proc.kill()
 
 
+def follow_through_migrate(deploy, waiting, then=None) -> str:
+    """Start a follower, see it wait (`waiting`, the line's start), migrate, see it follow,
+    run `then()` while it does; its output once stopped."""
+    proc = deploy.popen(OLD, "copy_users", "--follow")
+    try:
+        read_until(proc, waiting)
+        deploy.ok(OLD, "migrate", "--no-input")
+        read_until(proc, "Following the change log")
+        if then:
+            then()
+        return stop(proc)
+    finally:
+        proc.kill()
+
+
 @postgresql_only
 def test_a_follower_started_before_the_migrations_waits_for_them(deploy):
     deploy.sql("DELETE FROM django_migrations WHERE app = 'account' AND name LIKE '0007%%'")
-    proc = deploy.popen(OLD, "copy_users", "--follow")
-    try:
-        read_until(proc, "Waiting for `python manage.py migrate` (1 migrations not applied")
-        deploy.ok(OLD, "migrate", "--no-input")
-        read_until(proc, "Following the change log")
-        stop(proc)
-    finally:
-        proc.kill()
+    follow_through_migrate(
+        deploy, "Waiting for `python manage.py migrate` (1 migrations not applied"
+    )
 
 
 @postgresql_only
 def test_a_follower_started_on_an_empty_database_waits_for_the_migrations(deploy):
     """As the compose `sync` service starts, before anything is migrated: no table at all."""
     deploy.sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
-    proc = deploy.popen(OLD, "copy_users", "--follow")
-    try:
-        read_until(proc, "Waiting for `python manage.py migrate`")
-        deploy.ok(OLD, "migrate", "--no-input")
-        read_until(proc, "Following the change log")
+
+    def write_and_see_it_carried():
         deploy.sql("UPDATE account_user SET full_name = 'After' WHERE username = 'bob'")
         assert wait_for(lambda: len(follower_rows(deploy)) == 1)
-        out = stop(proc)
-    finally:
-        proc.kill()
+
+    out = follow_through_migrate(
+        deploy, "Waiting for `python manage.py migrate`", then=write_and_see_it_carried
+    )
     assert "Traceback" not in out, out
 
 
